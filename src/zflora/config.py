@@ -1,0 +1,97 @@
+"""`ZFLoRAConfig`: which projections carry the adapter, its rank and scale."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Projection names of the LLaMA family, split by how zFLoRA adapts them.
+# Input projections read the residual stream and so can read the adapter state z
+# (`W n_h + s B z`); output projections write to the stream and so can write z
+# (`[W u ; A u]`).
+INPUT_PROJECTIONS = ("q", "k", "v", "gate", "up")
+OUTPUT_PROJECTIONS = ("o", "down")
+ALL_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGET_PRESETS = {"all": ALL_PROJECTIONS, "mha": ("q", "k", "v", "o")}
+
+
+def _normalise_target(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"targets: entries must be projection names, got {name!r}")
+    short = name.removesuffix("_proj")
+    if short not in ALL_PROJECTIONS:
+        raise ValueError(
+            f"targets: unknown projection {name!r}; accepted: "
+            f"{', '.join(ALL_PROJECTIONS)} (with or without '_proj'), or 'all' / 'mha'"
+        )
+    return short
+
+
+@dataclass
+class ZFLoRAConfig:
+    """Configuration of a zFLoRA adapter.
+
+    r: adapter rank, the width of the adapter state z carried beside the hidden state.
+    alpha: scale numerator; up-projections are multiplied by `alpha / r` (as in LoRA).
+    targets: "all" (q,k,v,o,gate,up,down), "mha" (q,k,v,o) or a list of projection names.
+    lm_head: also let the LM head read z (`logits += s * B_lm z`), B_lm initialised to 0.
+    expand_input: z0 = A_in h0 at the embedding (True, the paper's choice) or z0 = 0. With
+        z0 = 0 the first layer's input projections can never see an adapter signal.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    targets: str | list[str] | tuple[str, ...] = "all"
+    lm_head: bool = False
+    expand_input: bool = True
+    target_modules: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r: must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0:
+            raise ValueError(f"alpha: must be a positive number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        for name in ("lm_head", "expand_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.targets, str):
+            if self.targets not in TARGET_PRESETS:
+                raise ValueError(
+                    f"targets: unknown preset {self.targets!r}; accepted: 'all', 'mha' or a list of "
+                    f"projection names from {', '.join(ALL_PROJECTIONS)}"
+                )
+            modules = TARGET_PRESETS[self.targets]
+        elif isinstance(self.targets, list | tuple) and self.targets:
+            chosen = {_normalise_target(t) for t in self.targets}
+            modules = tuple(p for p in ALL_PROJECTIONS if p in chosen)
+            self.targets = list(modules)
+        else:
+            raise ValueError(f"targets: must be 'all', 'mha' or a non-empty list of names, got {self.targets!r}")
+        if not self.lm_head and not any(p in INPUT_PROJECTIONS for p in modules):
+            raise ValueError(
+                f"targets: {list(modules)} has no input projection ({', '.join(INPUT_PROJECTIONS)}) and "
+                "lm_head is false, so nothing would ever read the adapter state"
+            )
+        self.target_modules = modules
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("target_modules")
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZFLoRAConfig:
+        known = {"r", "alpha", "targets", "lm_head", "expand_input"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown zFLoRA config field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

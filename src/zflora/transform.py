@@ -1,0 +1,177 @@
+"""Model transforms: `apply_zflora` (module surgery), `fuse` and `unfuse`.
+
+The Hugging Face decoder code runs unchanged: only the embedding, the RMSNorms,
+the seven projections of every layer and the LM head are replaced, so the
+residual stream it carries is simply d + r wide. `generate()`, the KV cache,
+the attention implementations, `Trainer` and `accelerate` keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import INPUT_PROJECTIONS, ZFLoRAConfig
+from .modules import (
+    ADAPTER_PREFIX,
+    FusedLinear,
+    FusedRMSNorm,
+    HiddenReadLinear,
+    ZFLoRAEmbedding,
+    ZFLoRALinear,
+    ZFLoRARMSNorm,
+)
+
+# Architectures whose decoder is LLaMA's: pre-norm RMSNorm, q/k/v/o attention, SwiGLU MLP.
+# Each one is covered by the test suite.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+PROJECTION_PATHS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a LLaMA-family causal LM that zFLoRA can be applied to."""
+
+
+def _check_supported(model: nn.Module) -> None:
+    name = type(model).__name__
+    if hasattr(model, "zflora_config"):
+        raise UnsupportedModelError("this model already carries a zFLoRA adapter; use load_adapter to swap it")
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"zFLoRA supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {name}. "
+            "(A PEFT-wrapped model must be unwrapped first.)"
+        )
+    inner = model.model
+
+    def expect(obj: object, what: str, cls: type | None = None) -> None:
+        ok = isinstance(obj, cls) if cls else hasattr(obj, "weight") and hasattr(obj, "variance_epsilon")
+        if not ok:
+            raise UnsupportedModelError(f"{name}: {what} is {type(obj).__name__}, not the expected LLaMA module")
+
+    expect(inner.embed_tokens, "model.embed_tokens", nn.Embedding)
+    expect(inner.norm, "model.norm")
+    expect(model.lm_head, "lm_head", nn.Linear)
+    for i, layer in enumerate(inner.layers):
+        for norm in LAYER_NORMS:
+            expect(getattr(layer, norm, None), f"model.layers.{i}.{norm}")
+        for path in PROJECTION_PATHS.values():
+            expect(layer.get_submodule(path), f"model.layers.{i}.{path}", nn.Linear)
+
+
+def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
+    """Give `model` a zFLoRA adapter, in place, in the training form; freeze the base.
+
+    Validates the whole model before changing anything: an unsupported model is
+    left untouched. Afterwards the adapter parameters (`zflora_*`) are the only
+    trainable ones.
+    """
+    if not isinstance(config, ZFLoRAConfig):
+        raise TypeError(f"config must be a ZFLoRAConfig, got {type(config).__name__}")
+    _check_supported(model)
+    inner, r, s = model.model, config.r, config.scaling
+    d = inner.embed_tokens.embedding_dim
+
+    def stream_norm(norm: nn.Module) -> ZFLoRARMSNorm:
+        return ZFLoRARMSNorm(norm.weight, norm.variance_epsilon, d, r)
+
+    # Build every replacement first, then swap: nothing is half-done on failure.
+    swaps: list[tuple[nn.Module, str, nn.Module]] = [
+        (inner, "embed_tokens", ZFLoRAEmbedding(inner.embed_tokens, r, config.expand_input)),
+        (inner, "norm", stream_norm(inner.norm)),
+    ]
+    for layer in inner.layers:
+        swaps += [(layer, norm, stream_norm(getattr(layer, norm))) for norm in LAYER_NORMS]
+        for proj, path in PROJECTION_PATHS.items():
+            parent_path, attr = path.split(".")
+            parent = layer.get_submodule(parent_path)
+            base = getattr(parent, attr)
+            targeted = proj in config.target_modules
+            if proj in INPUT_PROJECTIONS and not targeted:
+                new: nn.Module = HiddenReadLinear(base)
+            else:
+                new = ZFLoRALinear(base, "in" if proj in INPUT_PROJECTIONS else "out", r, s, targeted)
+            swaps.append((parent, attr, new))
+    head = ZFLoRALinear(model.lm_head, "in", r, s, targeted=True) if config.lm_head else HiddenReadLinear(model.lm_head)
+    swaps.append((model, "lm_head", head))
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, attr, new in swaps:
+        setattr(parent, attr, new)
+    model.zflora_config = config
+    return model
+
+
+def is_zflora(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "zflora_config", None), ZFLoRAConfig)
+
+
+def _require_zflora(model: nn.Module) -> None:
+    if not is_zflora(model):
+        raise ValueError("this model has no zFLoRA adapter: call zflora.apply_zflora(model, config) first")
+
+
+def is_fused(model: nn.Module) -> bool:
+    _require_zflora(model)
+    return isinstance(model.model.norm, FusedRMSNorm)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+
+
+def _layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    # The LM head (kept unfused: it is the once-per-forward output merge) is excluded.
+    for name, module in list(model.named_modules()):
+        if module is not model.lm_head:
+            yield name, module
+
+
+@torch.no_grad()
+def fuse(model: nn.Module) -> nn.Module:
+    """Switch to the fused inference form: one matmul per projection, concatenated norm gains.
+
+    Idempotent. Each base weight is replaced by its concatenation, so memory grows
+    by the adapter block only (about r/d of the projections).
+    """
+    if is_fused(model):
+        return model
+    for name, m in _layer_modules(model):
+        if isinstance(m, ZFLoRARMSNorm):
+            gain = torch.cat([m.weight.detach(), m.weight.new_ones(m.r)])  # [g ; 1], (d + r,)
+            _replace(model, name, FusedRMSNorm(nn.Parameter(gain, False), m.variance_epsilon, m.d, m.r))
+        elif isinstance(m, ZFLoRALinear):
+            _replace(model, name, FusedLinear(m))
+    return model
+
+
+@torch.no_grad()
+def unfuse(model: nn.Module) -> nn.Module:
+    """Back to the training form; base weights and adapter matrices are restored exactly. Idempotent."""
+    if not is_fused(model):
+        return model
+    for name, m in _layer_modules(model):
+        if isinstance(m, FusedRMSNorm):
+            gain = nn.Parameter(m.weight.detach()[: m.d].clone(), requires_grad=False)
+            _replace(model, name, ZFLoRARMSNorm(gain, m.variance_epsilon, m.d, m.r))
+        elif isinstance(m, FusedLinear):
+            _replace(model, name, m.to_unfused())
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's own parameters by qualified name (`...q_proj.zflora_B`), in either form."""
+    _require_zflora(model)
+    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIX)}

@@ -1,0 +1,83 @@
+"""Tiny in-process models and shared helpers for the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import zflora
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def tiny_model(
+    arch: str = "llama", *, tie: bool = False, layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> torch.nn.Module:
+    """A random LLaMA-family causal LM: d=48, 6 heads of 8, 2 KV heads (GQA), MLP 80, vocab 97."""
+    config_cls, model_cls = ARCHS[arch]
+    cfg = config_cls(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        initializer_range=0.2,  # larger than default so that errors are visible in the logits
+    )
+    torch.manual_seed(seed)
+    return model_cls(cfg).to(dtype).eval()
+
+
+def randomize_adapter(model: torch.nn.Module, seed: int = 1, std: float = 0.2) -> None:
+    """Non-zero adapters (B included), so that equivalence checks can fail. Keeps fused blocks in sync."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in zflora.adapter_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        for m in model.modules():
+            if isinstance(m, zflora.modules.FusedLinear):
+                m.refresh_adapter()
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    if not (STORIES / "config.json").is_file():
+        pytest.skip(f"real model not available at {STORIES}")
+    return STORIES

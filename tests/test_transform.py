@@ -1,0 +1,116 @@
+"""The method's invariants: exact at initialisation, fused equals unfused, no extra operator per layer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import ARCHS, assert_same_state, randomize_adapter, state, tiny_model
+
+import zflora
+
+# Max |fused - unfused| over the logits, relative to max |logits|, per dtype. Measured on these tiny
+# models (deliberately large weights): fp32 7e-7; bf16 2.8e-2 and fp16 4e-3, where each form on its own is
+# already 3-5% (bf16) and ~1% (fp16) away from an fp32 evaluation of the same weights. A wrong fusion
+# (say, a missing scale) moves the logits by more than their own scale and fails by far.
+FUSED_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-2, torch.float16: 1.5e-2}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("targets", ["all", "mha"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_exact_at_init(arch, targets, tie, ids):
+    model = tiny_model(arch, tie=tie)
+    with torch.no_grad():
+        ref = model(ids).logits
+        zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, alpha=16, targets=targets))
+        out = model(ids).logits
+    assert torch.equal(out, ref)  # bit for bit in fp32
+    assert zflora.adapter_parameters(model)  # something was added
+
+
+def test_exact_at_init_with_generate(ids):
+    model = tiny_model(tie=True)
+    ref = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4, alpha=8, lm_head=True))
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=12, do_sample=False), ref)
+    zflora.fuse(model)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=12, do_sample=False), ref)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("dtype", list(FUSED_TOL), ids=str)
+@pytest.mark.parametrize("targets", ["all", "mha", ["q", "v"]])
+def test_fused_equals_unfused(arch, dtype, targets, ids):
+    model = tiny_model(arch, dtype=dtype)
+    with torch.no_grad():
+        base = model(ids).logits.float()
+        zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, alpha=16, targets=targets))
+        randomize_adapter(model)
+        unfused = model(ids).logits.float()
+        zflora.fuse(model)
+        assert zflora.is_fused(model)
+        fused = model(ids).logits.float()
+    scale = unfused.abs().max()
+    assert (unfused - base).abs().max() > 10 * FUSED_TOL[dtype] * scale  # the adapter really acts
+    assert (fused - unfused).abs().max() <= FUSED_TOL[dtype] * scale
+    out = model.generate(ids[:1], max_new_tokens=5, do_sample=False)  # generate runs in every dtype
+    assert out.shape == (1, ids.shape[1] + 5)
+
+
+def test_fused_generate_equals_unfused(ids):
+    model = tiny_model(tie=True, layers=3)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, alpha=16, lm_head=True))
+    randomize_adapter(model)
+    unfused = model.generate(ids, max_new_tokens=16, do_sample=False)
+    zflora.fuse(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), unfused)
+
+
+def test_unfuse_restores_exactly_and_is_idempotent(ids):
+    model = tiny_model(tie=True)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, alpha=12))
+    randomize_adapter(model)
+    before, logits = state(model), model(ids).logits
+    zflora.fuse(zflora.fuse(model))
+    fused_state = state(model)
+    assert fused_state["model.layers.0.self_attn.q_proj.weight"].shape == (48, 56)  # [W | s B]
+    assert fused_state["model.layers.0.mlp.down_proj.weight"].shape == (56, 80)  # [W ; A]
+    zflora.unfuse(zflora.unfuse(model))
+    assert not zflora.is_fused(model)
+    assert_same_state(before, state(model))
+    assert torch.equal(model(ids).logits, logits)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tying survives
+
+
+VIEW_OPS = {
+    "aten::view", "aten::slice", "aten::t", "aten::transpose", "aten::reshape", "aten::_unsafe_view",
+    "aten::as_strided", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::permute",
+    "aten::alias", "aten::detach", "aten::_reshape_alias", "aten::view_as", "aten::resolve_conj",
+}  # fmt: skip
+
+
+def _compute_ops(model, ids) -> Counter:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(ids)
+    return Counter(e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS)
+
+
+@pytest.mark.parametrize("targets", ["all", "mha"])
+def test_fused_forward_has_no_extra_operator_per_layer(targets, ids):
+    counts = {}
+    for layers in (2, 4):
+        for method in ("base", "zflora"):
+            model = tiny_model(layers=layers)
+            if method == "zflora":
+                zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, alpha=16, targets=targets))
+                zflora.fuse(model)
+            counts[method, layers] = _compute_ops(model, ids)
+    per_layer = {m: counts[m, 4] - counts[m, 2] for m in ("base", "zflora")}
+    assert per_layer["zflora"] == per_layer["base"]  # same operators, same number, in every layer
+    extra = counts["zflora", 2] - counts["base", 2]
+    assert counts["base", 2] - counts["zflora", 2] == Counter()
+    # Once per forward: the input expansion z0 = A_in h0 (a linear) and the concat [h0 ; z0].
+    assert extra["aten::cat"] == 1 and extra["aten::mm"] == 1
+    assert sum(extra.values()) <= 4, extra  # linear -> matmul -> mm, cat
