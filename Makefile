@@ -6,6 +6,8 @@ TORCH   := torch==2.13.0
 
 .PHONY: setup test lint demo bench clean
 
+BENCH_OUT := runs/bench
+
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +23,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The paper's latency study on LLaMA-3.2-1B's shape (random weights), about 7 minutes on 2 CPU cores.
+bench: $(STAMP)
+	.venv/bin/zflora bench --json $(BENCH_OUT)/bench.json --chart $(BENCH_OUT)/bench.png --markdown $(BENCH_OUT)/bench.md
 
 demo: $(STAMP)
 	.venv/bin/zflora demo

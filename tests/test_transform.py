@@ -87,7 +87,8 @@ def test_unfuse_restores_exactly_and_is_idempotent(ids):
 VIEW_OPS = {
     "aten::view", "aten::slice", "aten::t", "aten::transpose", "aten::reshape", "aten::_unsafe_view",
     "aten::as_strided", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::permute",
-    "aten::alias", "aten::detach", "aten::_reshape_alias", "aten::view_as", "aten::resolve_conj",
+    "aten::alias", "aten::detach", "aten::_reshape_alias", "aten::view_as", "aten::resolve_conj", "aten::narrow",
+    "aten::flatten", "aten::unflatten",
 }  # fmt: skip
 
 

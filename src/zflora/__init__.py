@@ -1,8 +1,9 @@
 """zflora: zero-latency fused low-rank adapters (zFLoRA) for Hugging Face LLaMA-family models."""
 
-from .adapter_io import AdapterError, load_adapter, save_adapter
+from .adapter_io import Adapter, AdapterError, load_adapter, read_adapter, save_adapter, set_adapter
 from .config import ZFLoRAConfig
 from .methods import METHODS, count_trainable_parameters, prepare_model
+from .scoring import score_response
 from .transform import (
     SUPPORTED_ARCHITECTURES,
     UnsupportedModelError,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "SUPPORTED_ARCHITECTURES",
+    "Adapter",
     "AdapterError",
     "UnsupportedModelError",
     "ZFLoRAConfig",
@@ -30,6 +32,9 @@ __all__ = [
     "is_zflora",
     "load_adapter",
     "prepare_model",
+    "read_adapter",
     "save_adapter",
+    "score_response",
+    "set_adapter",
     "unfuse",
 ]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,11 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter (not the base) to directory `path`, atomically.
+    """Write the adapter (not the base) into directory `path`, each file atomically.
 
-    The files are written to a temporary directory beside `path` and moved into
-    place at the end; an existing adapter at `path` is replaced only then.
+    Each file is written to a temporary name beside it and renamed into place, the
+    weights first and the config last; other files in `path` (a Trainer checkpoint's
+    optimizer state, say) are left alone.
     """
     _require_zflora(model)
     path = Path(path)
@@ -75,22 +77,26 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "base_model": base_identity(model),
         "name_or_path": getattr(model.config, "_name_or_path", "") or "",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "zflora"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str, Any]]:
@@ -119,32 +125,95 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str
     return config, ident
 
 
-def _read_tensors(file: Path, expected: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+@dataclass
+class Adapter:
+    """An adapter read into memory: its config, the base it was trained on, its tensors."""
+
+    config: ZFLoRAConfig
+    base_model: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    source: str = ""
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing")
     try:
         with safe_open(file, framework="pt") as f:
-            keys = set(f.keys())
-            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
-            if missing or extra:
-                raise AdapterError(
-                    f"{file}: tensors do not match the model's adapter"
-                    + (f"; missing {len(missing)}: {', '.join(missing[:3])}" if missing else "")
-                    + (f"; unexpected {len(extra)}: {', '.join(extra[:3])}" if extra else "")
-                )
-            tensors = {k: f.get_tensor(k) for k in sorted(keys)}
+            tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
     except SafetensorError as e:
         raise AdapterError(f"{file}: unreadable or truncated safetensors file ({e})") from None
     for name, t in tensors.items():
-        want = expected[name]
-        if tuple(t.shape) != tuple(want.shape):
-            raise AdapterError(f"{file}: {name} has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise AdapterError(f"{file}: {name} holds non-finite or non-float values")
     return tensors
 
 
+def read_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> Adapter:
+    """Read and validate an adapter directory; with `model`, also check that it fits that model."""
+    path = Path(path)
+    config, ident = read_adapter_config(path)
+    adapter = Adapter(config, ident, _read_tensors(path / WEIGHTS_NAME), str(path))
+    if model is not None:
+        _check_fits(model, adapter)
+    return adapter
+
+
+def _check_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
+    where = adapter.source or "adapter"
+    mine = base_identity(model)
+    ident, config = adapter.base_model, adapter.config
+    diff = [f"{k}: adapter {ident.get(k)!r}, model {mine[k]!r}" for k in IDENTITY_FIELDS if ident.get(k) != mine[k]]
+    if diff:
+        raise AdapterError(f"{where}: adapter was trained on a different base model ({'; '.join(diff)})")
+    current = model.zflora_config
+    diff = [
+        f"{k}: adapter {getattr(config, k)!r}, model {getattr(current, k)!r}"
+        for k in SHAPE_FIELDS
+        if getattr(config, k) != getattr(current, k)
+    ]
+    if diff:
+        raise AdapterError(
+            f"{where}: adapter shape does not match the model's zFLoRA config ({'; '.join(diff)}); "
+            "apply zFLoRA with the adapter's config to a fresh base model instead"
+        )
+    params = adapter_parameters(model)
+    missing, extra = sorted(set(params) - set(adapter.tensors)), sorted(set(adapter.tensors) - set(params))
+    if missing or extra:
+        raise AdapterError(
+            f"{where}: tensors do not match the model's adapter"
+            + (f"; missing {len(missing)}: {', '.join(missing[:3])}" if missing else "")
+            + (f"; unexpected {len(extra)}: {', '.join(extra[:3])}" if extra else "")
+        )
+    for name, t in adapter.tensors.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise AdapterError(
+                f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(params[name].shape)}"
+            )
+    return params
+
+
 @torch.no_grad()
+def set_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """Write an in-memory adapter into a zFLoRA model, in either form (hot-swap when fused).
+
+    Checks that it fits first (base, rank, targets, tensor names and shapes): on
+    error the model is unchanged. Only the adapter matrices and, when fused, the r
+    extra rows/columns of each projection are written; base blocks are never touched.
+    """
+    _require_zflora(model)
+    params = _check_fits(model, adapter)
+    for name, t in adapter.tensors.items():
+        params[name].copy_(t)
+    for m in model.modules():
+        if isinstance(m, ZFLoRALinear | FusedLinear):  # not LlamaAttention.scaling
+            m.scaling = adapter.config.scaling
+        if isinstance(m, FusedLinear):
+            m.refresh_adapter()
+    model.zflora_config = adapter.config
+    return model
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by `save_adapter` into a zFLoRA model, in either form.
 
@@ -154,33 +223,4 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     The adapter's alpha may differ from the model's; the scaling follows the adapter.
     """
     _require_zflora(model)
-    path = Path(path)
-    config, ident = read_adapter_config(path)
-    mine = base_identity(model)
-    diff = [f"{k}: adapter {ident.get(k)!r}, model {mine[k]!r}" for k in IDENTITY_FIELDS if ident.get(k) != mine[k]]
-    if diff:
-        raise AdapterError(f"{path}: adapter was trained on a different base model ({'; '.join(diff)})")
-    current = model.zflora_config
-    diff = [
-        f"{k}: adapter {getattr(config, k)!r}, model {getattr(current, k)!r}"
-        for k in SHAPE_FIELDS
-        if getattr(config, k) != getattr(current, k)
-    ]
-    if diff:
-        raise AdapterError(
-            f"{path}: adapter shape does not match the model's zFLoRA config ({'; '.join(diff)}); "
-            "apply zFLoRA with the adapter's config to a fresh base model instead"
-        )
-    params = adapter_parameters(model)
-    tensors = _read_tensors(path / WEIGHTS_NAME, params)
-
-    # Everything is validated: write. Only adapter tensors (and the fused blocks) change.
-    for name, t in tensors.items():
-        params[name].copy_(t)
-    for m in model.modules():
-        if isinstance(m, ZFLoRALinear | FusedLinear):  # not LlamaAttention.scaling
-            m.scaling = config.scaling
-        if isinstance(m, FusedLinear):
-            m.refresh_adapter()
-    model.zflora_config = config
-    return model
+    return set_adapter(model, read_adapter(path, model))

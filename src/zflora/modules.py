@@ -42,6 +42,20 @@ def _kaiming_(t: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` on a (possibly strided) slice of the stream, always as one 2-D matmul.
+
+    PyTorch's matmul folds a 3-D input into a matrix only when that is a view, or when
+    the weight requires grad. Otherwise (a frozen weight and, say, the last-position
+    slice that `logits_to_keep` makes) it broadcasts the weight to a batch and copies
+    all of it: 3 s per prefill for LLaMA-3.2-1B's LM head on a CPU. Flattening the
+    leading dims first is a view here, or at worst a copy of the few activation rows.
+    """
+    if x.dim() <= 2:
+        return F.linear(x, weight, bias)
+    return F.linear(x.flatten(0, -2), weight, bias).unflatten(0, x.shape[:-1])
+
+
 def _adapter(shape: tuple[int, int], like: torch.Tensor, zero: bool) -> nn.Parameter:
     t = torch.empty(shape, dtype=like.dtype, device=like.device)
     return nn.Parameter(t.zero_() if zero else _kaiming_(t))
@@ -81,7 +95,7 @@ class _StreamRMSNorm(nn.Module):
         # Same arithmetic as transformers' LlamaRMSNorm, so base channels match bit for bit.
         dtype = x.dtype
         xf = x.to(torch.float32)
-        variance = xf[..., : self.d].pow(2).mean(-1, keepdim=True)  # statistic of h only
+        variance = xf.narrow(-1, 0, self.d).pow(2).mean(-1, keepdim=True)  # statistic of h only (a view)
         return (xf * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)  # (..., d + r)
 
     def extra_repr(self) -> str:
@@ -116,7 +130,7 @@ class HiddenReadLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x[..., : self.in_features], self.weight, self.bias)
+        return linear(x.narrow(-1, 0, self.in_features), self.weight, self.bias)  # reads n_h
 
 
 class ZFLoRALinear(nn.Module):
@@ -141,9 +155,9 @@ class ZFLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "in":
-            y = F.linear(x[..., : self.in_features], self.weight, self.bias)  # (..., out)
+            y = linear(x.narrow(-1, 0, self.in_features), self.weight, self.bias)  # W n_h: (..., out)
             if self.zflora_B is not None:
-                y = y + self.scaling * F.linear(x[..., self.in_features :], self.zflora_B)
+                y = y + self.scaling * linear(x.narrow(-1, self.in_features, self.r), self.zflora_B)  # + s B n_z
             return y
         y = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.zflora_A is None:
