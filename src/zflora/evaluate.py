@@ -1,0 +1,179 @@
+"""`zflora eval`: batched greedy generation on task files, scored per task, averaged.
+
+The model generates with the KV cache (zFLoRA in its fused form), left-padded
+batches. Responses are saved as JSONL (`{"task", "record", "response"}`), which
+`zflora eval --responses FILE` scores again without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .adapter_io import CONFIG_NAME, atomic_write, load_adapter, read_adapter_config
+from .data import Example, load_examples
+from .models import load_local_model, load_tokenizer
+from .scoring import infer_kind, rouge_scores, score_response
+from .transform import apply_zflora, fuse
+
+# Tokens to generate per kind: short answers need few; rationales and summaries more.
+MAX_NEW_TOKENS = {"label": 12, "choice": 32, "number": 96, "rouge": 64}
+
+
+def load_for_eval(model_path: Path, adapter: Path | None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Base model plus an optional adapter directory: zFLoRA (fused for serving) or PEFT LoRA (merged)."""
+    model = load_local_model(model_path, dtype)
+    if adapter is None:
+        return model
+    if not (Path(adapter) / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{adapter}: no {CONFIG_NAME}; pass a zFLoRA or PEFT adapter directory")
+    meta = json.loads((Path(adapter) / CONFIG_NAME).read_text())
+    if "zflora" in meta:
+        config, _ = read_adapter_config(adapter)
+        apply_zflora(model, config)
+        load_adapter(model, adapter)
+        return fuse(model).eval()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of `prompts` (the prompt itself not included)."""
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out: list[str] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, disable=not progress, desc="generate", leave=False):
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.extend(zip(batch, texts, strict=True))
+    return [text.strip() for _, text in sorted(out)]
+
+
+def score_task(records: list[dict], responses: list[str], kind: str | None = None) -> dict[str, Any]:
+    """Mean score of one task; ROUGE-1/2/L too for summaries."""
+    kind = kind or infer_kind(records[0])
+    scores = [score_response(r, resp, kind) for r, resp in zip(records, responses, strict=True)]
+    result: dict[str, Any] = {"kind": kind, "n": len(scores), "score": 100 * statistics.fmean(scores)}
+    if kind == "rouge":
+        golds = [r.get("summary") or r.get("answer") or r.get("output") for r in records]
+        all_r = [rouge_scores(g, resp) for g, resp in zip(golds, responses, strict=True)]
+        result |= {k: 100 * statistics.fmean(s[k] for s in all_r) for k in ("rouge1", "rouge2", "rougeL")}
+    return result
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: dict[str, list[Example]],
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    kinds: dict[str, str] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Generate and score every task; returns per-task results and the responses (for saving)."""
+    results, saved = {}, []
+    for name, examples in tasks.items():
+        records = [ex.record for ex in examples]
+        kind = (kinds or {}).get(name) or infer_kind(records[0])
+        n_new = max_new_tokens or MAX_NEW_TOKENS[kind]
+        responses = generate(model, tokenizer, [ex.prompt for ex in examples], n_new, batch_size, progress)
+        results[name] = score_task(records, responses, kind)
+        saved += [{"task": name, "record": r, "response": resp} for r, resp in zip(records, responses, strict=True)]
+    return results, saved
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| task | kind | n | score |", "|---|---|---|---|"]
+    for name, r in results.items():
+        extra = f" (R1 {r['rouge1']:.1f}, R2 {r['rouge2']:.1f})" if r["kind"] == "rouge" else ""
+        lines.append(f"| {name} | {r['kind']} | {r['n']} | {r['score']:.2f}{extra} |")
+    lines.append(f"| **average** | | | {statistics.fmean(r['score'] for r in results.values()):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def task_name(path: Path) -> str:
+    """`.../commonsense/boolq/test.json` -> `boolq`; `dialogsum.dev.jsonl` -> `dialogsum.dev`."""
+    return path.parent.name if path.stem in ("test", "train", "dev") else path.stem
+
+
+def score_responses_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Score a saved responses JSONL (one `{"task", "record", "response"}` per line) without a model."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: responses file not found")
+    by_task: dict[str, tuple[list, list]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("record"), dict)
+            or not isinstance(row.get("response"), str)
+        ):
+            raise ValueError(f"{path}: line {n}: expected {{'task', 'record': {{...}}, 'response': '...'}}")
+        records, responses = by_task.setdefault(str(row.get("task", "responses")), ([], []))
+        records.append(row["record"])
+        responses.append(row["response"])
+    if not by_task:
+        raise ValueError(f"{path}: no responses")
+    return {task: score_task(recs, resps) for task, (recs, resps) in by_task.items()}
+
+
+def run(
+    model_path: Path | None,
+    data: list[Path],
+    adapter: Path | None = None,
+    responses: Path | None = None,
+    output: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, dict[str, Any]]:
+    if responses is not None:
+        results = score_responses_file(responses)
+    else:
+        if model_path is None:
+            raise ValueError("model: give --model PATH (or --responses FILE to score saved responses)")
+        tasks = {task_name(p): load_examples(p, limit) for p in data}
+        tokenizer = load_tokenizer(model_path)
+        model = load_for_eval(model_path, adapter, dtype)
+        results, saved = evaluate_tasks(model, tokenizer, tasks, batch_size, max_new_tokens, progress=True)
+        if output is not None:
+            lines = "".join(json.dumps(s) + "\n" for s in saved)
+            atomic_write(output.with_suffix(".responses.jsonl"), lambda tmp: tmp.write_text(lines))
+    if output is not None:
+        atomic_write(output, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
+        atomic_write(output.with_suffix(".md"), lambda tmp: tmp.write_text(table(results)))
+    return results
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,229 @@
+"""`zflora train`: one training loop for every method, on Hugging Face `Trainer`.
+
+`Trainer` brings what users expect: `accelerate launch` / `torchrun` spread it over
+GPUs and nodes unchanged, bf16, gradient checkpointing, a progress bar, periodic
+checkpoints with optimizer and RNG state, and an exact resume. On top of it:
+zFLoRA checkpoints hold the adapter only (not the frozen base); a checkpoint counts
+only once it is complete (a marker written last), so an interrupted save is never
+resumed from; and a JSON log records the loss curve, time per step and the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+from .adapter_io import atomic_write, load_adapter, save_adapter
+from .data import Example, load_examples, tokenize
+from .methods import METHODS, count_trainable_parameters, prepare_model
+from .models import load_local_model, load_tokenizer
+from .transform import is_zflora
+
+COMPLETE = "zflora-checkpoint-complete"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    model: Path
+    data: list[Path]
+    output: Path
+    method: str = "zflora"
+    rank: int = 16
+    alpha: float | None = None  # default 2 * rank
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # overrides epochs when > 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    save_steps: int = 0  # 0: a checkpoint at the end of each epoch only; < 0: none
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 0
+    limit: int | None = None  # first N records of each file
+    resume: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS or self.method == "base":
+            raise ValueError(
+                f"method: unknown {self.method!r}; accepted: {', '.join(m for m in METHODS if m != 'base')}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: {', '.join(DTYPES)}")
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if not self.data:
+            raise ValueError("data: give at least one data file")
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.times.append(time.perf_counter() - self._start)
+
+
+class AdapterTrainer(Trainer):
+    """`Trainer` whose zFLoRA checkpoints hold the adapter only, and that marks complete checkpoints."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_zflora(model):
+            if self.args.should_save:
+                save_adapter(model, output_dir or self.args.output_dir)
+            return
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(model or self.model)
+        if is_zflora(target):
+            load_adapter(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            atomic_write(folder / COMPLETE, lambda tmp: tmp.write_text("complete\n"))
+
+
+def last_complete_checkpoint(output: Path) -> Path | None:
+    """The newest checkpoint-N under `output` that was written to the end."""
+    done = [p for p in output.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def build_trainer(
+    cfg: TrainConfig, model: nn.Module, tokenizer: Any, features: list[dict], callbacks: list[TrainerCallback]
+) -> AdapterTrainer:
+    save: dict[str, Any] = {"save_strategy": "epoch"}
+    if cfg.save_steps:
+        save = (
+            {"save_strategy": "steps", "save_steps": cfg.save_steps} if cfg.save_steps > 0 else {"save_strategy": "no"}
+        )
+    args = TrainingArguments(
+        output_dir=str(cfg.output),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_total_limit=cfg.save_total_limit,
+        bf16=cfg.dtype == "bf16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=not cfg.progress,
+        remove_unused_columns=False,
+        **save,
+        **cfg.extra,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    return AdapterTrainer(model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
+
+
+def train_model(
+    cfg: TrainConfig,
+    examples: list[Example] | None = None,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train `cfg.method`; return the trained model and the run's log. Library entry point of `zflora train`."""
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    tokenizer.padding_side = "right"  # LLaMA takes positions from the order, not the mask, when training
+    if examples is None:
+        examples = [ex for path in cfg.data for ex in load_examples(path, cfg.limit)]
+    tok = tokenize(examples, tokenizer, cfg.max_length)
+    if not tok.features:
+        raise ValueError(f"no trainable record left after truncation to max_length={cfg.max_length}")
+    torch.manual_seed(cfg.seed)  # adapter initialisation (A matrices) depends on it
+    model = model if model is not None else load_local_model(cfg.model, DTYPES[cfg.dtype])
+    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=cfg.alpha or 2.0 * cfg.rank)
+    if cfg.gradient_checkpointing and cfg.method != "fft":
+        model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
+    timer = StepTimer()
+    trainer = build_trainer(cfg, model, tokenizer, tok.features, [timer, *(callbacks or [])])
+    resume = None
+    if cfg.resume:
+        resume = last_complete_checkpoint(cfg.output)
+        if resume is None:
+            raise FileNotFoundError(f"{cfg.output}: no complete checkpoint to resume from")
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    log = {
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "data": {"records": len(examples), "trained": len(tok.features), "truncated": tok.truncated,
+                 "dropped": tok.dropped},
+        "trainable_parameters": count_trainable_parameters(model),
+        "steps": trainer.state.global_step,
+        "resumed_from": str(resume) if resume else None,
+        "wall_s": time.perf_counter() - started,
+        "step_time_s": timer.times,
+        "loss": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "final_train_loss": next((h["train_loss"] for h in trainer.state.log_history if "train_loss" in h), None),
+    }  # fmt: skip
+    return model, log
+
+
+def save_trained(model: nn.Module, tokenizer: Any, output: Path, log: dict[str, Any]) -> Path:
+    """The run's result in `output/final`: an adapter (zflora, lora) or a full model (fft), plus `train_log.json`."""
+    final = output / "final"
+    if is_zflora(model):
+        save_adapter(model, final)
+    else:  # PEFT saves the adapter only; a full fine-tune saves the model and its tokenizer
+        model.save_pretrained(final)
+        if not hasattr(model, "peft_config"):
+            tokenizer.save_pretrained(final)
+    atomic_write(output / "train_log.json", lambda tmp: tmp.write_text(json.dumps(log, indent=1) + "\n"))
+    return final
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    tokenizer = load_tokenizer(cfg.model)
+    model, log = train_model(cfg, tokenizer=tokenizer)
+    log["output"] = str(save_trained(model, tokenizer, cfg.output, log))
+    return log
+
+
+def step_time_summary(times: list[float]) -> float:
+    """Median seconds per step, skipping the first (warm-up) step when there are more."""
+    body = times[1:] if len(times) > 1 else times
+    body = sorted(body)
+    return body[len(body) // 2] if body else float("nan")
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

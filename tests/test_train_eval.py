@@ -1,0 +1,99 @@
+"""`zflora train` / `zflora eval` end to end on the real stories260K (skipped when it is absent)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from zflora.cli import main
+from zflora.models import load_tokenizer
+from zflora.tasks import make_task
+from zflora.train import TrainConfig, last_complete_checkpoint, save_trained, train_model
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "math.json"
+    path.write_text(json.dumps(make_task("story-math", 24, seed=0)))
+    return path
+
+
+def _cfg(stories_path, task_file, out, **kw) -> TrainConfig:
+    base = dict(model=stories_path, data=[task_file], output=out, method="zflora", rank=4, lr=3e-3, max_steps=6,
+                batch_size=4, max_length=256, save_steps=3, logging_steps=1, progress=False)  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("method", ["zflora", "lora"])
+def test_resume_equals_uninterrupted(stories_path, task_file, tmp_path, method):
+    full, _ = train_model(_cfg(stories_path, task_file, tmp_path / "full", method=method))
+    _, log = train_model(_cfg(stories_path, task_file, tmp_path / "cut", method=method), callbacks=[StopAt(3)])
+    assert log["steps"] == 3 and last_complete_checkpoint(tmp_path / "cut").name == "checkpoint-3"
+    resumed, log = train_model(_cfg(stories_path, task_file, tmp_path / "cut", method=method, resume=True))
+    assert log["steps"] == 6 and log["resumed_from"].endswith("checkpoint-3")
+    a = {n: p for n, p in full.named_parameters() if "zflora_" in n or "lora_" in n}
+    b = {n: p for n, p in resumed.named_parameters() if "zflora_" in n or "lora_" in n}
+    assert a.keys() == b.keys() and a
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_incomplete_checkpoint_is_not_resumed(stories_path, task_file, tmp_path):
+    train_model(_cfg(stories_path, task_file, tmp_path / "run"), callbacks=[StopAt(3)])
+    (tmp_path / "run" / "checkpoint-5").mkdir()  # a save that died half way: no completion marker
+    assert last_complete_checkpoint(tmp_path / "run").name == "checkpoint-3"
+
+
+def test_train_cli_then_eval_cli(stories_path, task_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--rank", "4", "--max-steps", "4", "--batch-size", "4", "--max-length", "256", "--save-steps", "2"]
+    main(
+        ["train", "--model", str(stories_path), "--data", str(task_file), "--output", str(out), *args, "--no-progress"]
+    )
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 4 and len(log["step_time_s"]) == 4
+    assert log["loss"] and log["trainable_parameters"] > 0
+    assert log["data"] == {"records": 24, "trained": 24, "truncated": 0, "dropped": 0}
+    assert set(load_file(out / "final" / "adapter_model.safetensors")) == set(
+        load_file(out / "checkpoint-4" / "adapter_model.safetensors")
+    )
+    assert "wrote" in capsys.readouterr().out
+
+    results = tmp_path / "eval" / "results.json"
+    main(["eval", "--model", str(stories_path), "--adapter", str(out / "final"), "--data", str(task_file),
+          "--limit", "6", "--output", str(results), "--max-new-tokens", "8"])  # fmt: skip
+    scored = json.loads(results.read_text())["math"]
+    assert scored["n"] == 6 and scored["kind"] == "number" and 0 <= scored["score"] <= 100
+    responses = results.with_suffix(".responses.jsonl")
+    assert len(responses.read_text().splitlines()) == 6
+    again = tmp_path / "again.json"
+    main(["eval", "--responses", str(responses), "--output", str(again)])
+    assert json.loads(again.read_text())["math"]["score"] == scored["score"]
+
+
+def test_fft_and_lora_outputs(stories_path, task_file, tmp_path):
+    for method in ("fft", "lora-mha"):
+        model, log = train_model(_cfg(stories_path, task_file, tmp_path / method, method=method, max_steps=2))
+        final = save_trained(model, load_tokenizer(stories_path), tmp_path / method, log)
+        expected = "model.safetensors" if method == "fft" else "adapter_model.safetensors"
+        assert (final / expected).is_file()
+
+
+def test_hub_id_is_refused_with_a_hint(tmp_path, task_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="looks like a hub id.*local"):
+        main(["train", "--model", "meta-llama/Llama-3.2-1B", "--data", str(task_file), "--output", "o"])
