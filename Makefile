@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
-# The paper's latency study on LLaMA-3.2-1B's shape (random weights), about 7 minutes on 2 CPU cores.
+# The paper's latency study on LLaMA-3.2-1B's shape (random weights), about 8.5 minutes on 2 CPU cores.
 bench: $(STAMP)
 	.venv/bin/zflora bench --json $(BENCH_OUT)/bench.json --chart $(BENCH_OUT)/bench.png --markdown $(BENCH_OUT)/bench.md
 

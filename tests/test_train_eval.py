@@ -97,3 +97,26 @@ def test_hub_id_is_refused_with_a_hint(tmp_path, task_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="looks like a hub id.*local"):
         main(["train", "--model", "meta-llama/Llama-3.2-1B", "--data", str(task_file), "--output", "o"])
+
+
+def test_real_data_end_to_end(stories_path, tmp_path):
+    """Train on real BoolQ, evaluate on BoolQ, GSM8K and DialogSum: formats end to end (scores near chance)."""
+    data = stories_path.parents[1] / "data"
+    boolq, gsm8k, dialogsum = (
+        data / "commonsense/boolq",
+        data / "math/gsm8k/test.json",
+        data / "dialogsum/dialogsum.dev.jsonl",
+    )
+    if not boolq.is_dir():
+        pytest.skip(f"real data not available at {data}")
+    out = tmp_path / "run"
+    main(["train", "--model", str(stories_path), "--data", str(boolq / "train.json"), "--output", str(out),
+          "--limit", "8", "--max-steps", "2", "--batch-size", "4", "--max-length", "384", "--no-progress"])  # fmt: skip
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["data"]["records"] == 8 and log["data"]["truncated"] + log["data"]["trained"] >= 8
+    results = tmp_path / "eval.json"
+    main(["eval", "--model", str(stories_path), "--adapter", str(out / "final"), "--data", str(boolq / "test.json"),
+          str(gsm8k), str(dialogsum), "--limit", "3", "--max-new-tokens", "8", "--output", str(results)])  # fmt: skip
+    scored = json.loads(results.read_text())
+    assert {k: v["kind"] for k, v in scored.items()} == {"boolq": "label", "gsm8k": "number", "dialogsum.dev": "rouge"}
+    assert all(v["n"] == 3 for v in scored.values())

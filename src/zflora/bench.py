@@ -687,12 +687,13 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax = axes[0][1]
         ranks = sorted({r["rank"] for r in proj if r["rank"]})
         show = 64 if 64 in ranks else ranks[-1]
-        for variant in ("lora", "naive-fused", "zflora"):
-            for name in dict.fromkeys(r["projection"] for r in proj):
+        names = list(dict.fromkeys(r["projection"] for r in proj))
+        colors = dict(zip(names, plt.get_cmap("tab10").colors, strict=False))  # colour: projection
+        for variant, style in (("lora", "-"), ("naive-fused", ":"), ("zflora", "--")):  # style: variant
+            for name in names:
                 rows = [r for r in proj if (r["variant"], r["rank"], r["projection"]) == (variant, show, name)]
-                style = {"lora": "-", "naive-fused": ":", "zflora": "--"}[variant]
                 xs, ys = [r["tokens"] for r in rows], [r["ratio_to_base"] for r in rows]
-                ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{variant} {name}")
+                ax.plot(xs, ys, style, color=colors[name], marker="o", markersize=3, label=f"{variant} {name}")
         ax.set_xscale("log")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xlabel("tokens")

@@ -12,47 +12,51 @@ DEFAULT_MODEL = Path("../shared/models/stories260K")
 
 
 def demo(model_path: Path, rank: int) -> None:
-    """Apply zFLoRA to a real model and show the method's properties on it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Apply zFLoRA to a real model and measure the method's properties on it."""
     import zflora
-    from zflora.models import meta_model, preset_config
+    from zflora.models import load_local_model, load_tokenizer, meta_model, preset_config
+    from zflora.transform import count_operators
 
     print("Trainable parameters at the LLaMA-3.2-1B shape, r = 64 (all seven / attention projections):")
     for method in ("lora", "lora-mha", "zflora", "zflora-mha"):
         model = zflora.prepare_model(meta_model(preset_config("llama-3.2-1b")), method, r=64, alpha=128)
         print(f"  {method:<11} {zflora.count_trainable_parameters(model):>12,}")
 
-    if not (model_path / "config.json").is_file():
-        sys.exit(f"zflora demo: no checkpoint at {model_path} (pass --model PATH to a local Hugging Face model)")
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_path)
     ids = tok("Once upon a time", return_tensors="pt").input_ids
+    model = load_local_model(model_path)
     with torch.no_grad():
         base_logits = model(ids).logits
     base_story = model.generate(ids, max_new_tokens=40, do_sample=False)
+    base_ops = count_operators(model, ids)
     zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=rank, alpha=2 * rank))
     print(f"\n{model_path}: zFLoRA r={rank}, {zflora.count_trainable_parameters(model):,} trainable parameters")
     with torch.no_grad():
         exact = torch.equal(model(ids).logits, base_logits)
     print(f"  exact at initialisation (B = 0, fp32 logits bit-identical): {exact}")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in zflora.adapter_parameters(model).values():
-            p.normal_(std=0.05)
-        unfused = model(ids).logits
-        zflora.fuse(model)
-        err = (model(ids).logits - unfused).abs().max().item()
-    print(f"  fused = unfused with a random non-zero adapter: max |logit difference| = {err:.2e}")
-    zflora.unfuse(model)
-    with torch.no_grad():
-        for name, p in zflora.adapter_parameters(model).items():
-            if name.endswith("zflora_B"):
-                p.zero_()
-    zflora.fuse(model)
     story = model.generate(ids, max_new_tokens=40, do_sample=False)
-    print(f"  fused model, B = 0, greedy story equals the base model's: {torch.equal(story, base_story)}")
-    print(f"  {tok.decode(story[0], skip_special_tokens=True)!r}")
+    zflora.fuse(model)
+    fused_story = model.generate(ids, max_new_tokens=40, do_sample=False)
+    extra = count_operators(model, ids) - base_ops
+    print(
+        f"  greedy story equals the base model's: unfused {torch.equal(story, base_story)}, "
+        f"fused {torch.equal(fused_story, base_story)}"
+    )
+    print(f"  {tok.decode(fused_story[0], skip_special_tokens=True)!r}")
+    print(f"  fused forward vs base, extra compute operators per forward: {dict(extra)} "
+          f"(the input expansion z0 = A_in h0; none per layer)")  # fmt: skip
+
+    print("  fused vs unfused with a random non-zero adapter, max |logit diff| / max |logit|:")
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        model = load_local_model(model_path, dtype)
+        zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=rank, alpha=2 * rank))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in zflora.adapter_parameters(model).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            unfused = model(ids).logits.float()
+            fused = zflora.fuse(model)(ids).logits.float()
+        print(f"    {name}: {((fused - unfused).abs().max() / unfused.abs().max()).item():.2e}")
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -197,13 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, default=None, help="results JSON (+ .md table, + .responses.jsonl)")
     p.add_argument("--limit", type=int, default=None, help="first N records of each task")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default by kind: 12 label, 96 number, ...")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default by kind: 32 label, 96 number, 64 summary")
 
+    from zflora.study import StudyConfig
+
+    sd = StudyConfig()
     p = sub.add_parser("study", help="the miniature accuracy study on stories260K (all methods, several seeds)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--model", type=Path, default=sd.model)
+    p.add_argument("--rank", type=int, default=sd.rank)
+    p.add_argument("--seeds", type=int, default=sd.seeds)
+    p.add_argument("--steps", type=int, default=sd.steps)
     p.add_argument("--output", type=Path, default=None, help="write study.json and study.md here")
     p.add_argument("--no-progress", action="store_true")
 

@@ -8,7 +8,6 @@ batches. Responses are saved as JSONL (`{"task", "record", "response"}`), which
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ from .models import load_local_model, load_tokenizer
 from .scoring import infer_kind, rouge_scores, score_response
 from .transform import apply_zflora, fuse
 
-# Tokens to generate per kind: short answers need few; rationales and summaries more.
-MAX_NEW_TOKENS = {"label": 12, "choice": 32, "number": 96, "rouge": 64}
+# Tokens to generate per kind (generation stops at EOS): small vocabularies need more per word.
+MAX_NEW_TOKENS = {"label": 32, "choice": 32, "number": 96, "rouge": 64}  # stop early at EOS
 
 
 def load_for_eval(model_path: Path, adapter: Path | None, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -175,5 +174,3 @@ def run(
         atomic_write(output.with_suffix(".md"), lambda tmp: tmp.write_text(table(results)))
     return results
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

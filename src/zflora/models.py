@@ -108,6 +108,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """The checkpoint's tokenizer, set up for batched generation (left padding, a pad token)."""
     from transformers import AutoTokenizer
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from Trainer's data loading
     tok = AutoTokenizer.from_pretrained(require_local(path), local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token

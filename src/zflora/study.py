@@ -37,7 +37,7 @@ class StudyConfig:
     model: Path = Path("../shared/models/stories260K")
     rank: int = 8
     seeds: int = 3
-    steps: int = 250
+    steps: int = 150
     batch_size: int = 16
     lr: float = 3e-3  # adapters
     fft_lr: float = 1e-3

@@ -3,8 +3,9 @@
 One task per category of the paper, generated deterministically from a seed,
 written as LLM-Adapters records so the same loaders and scorers apply:
 
-    story-qa      commonsense-style: a question about a short story, three options,
-                  "Answer format: answer1/answer2/answer3"           (label, chance 1/3)
+    story-qa      commonsense-style: a question about a short story, three options
+                  listed as the label words, "Answer format: red/blue/green",
+                  answered "the correct answer is blue"              (label, chance 1/3)
     story-math    math-style word problem with a short rationale,
                   "... The answer is 7."                             (number)
     story-summary a one-sentence summary of a three-sentence story   (ROUGE-L)
@@ -27,9 +28,14 @@ FRIENDS = ["mom", "dad", "dog", "cat", "friend", "sister", "brother"]
 TASKS = {"story-qa": "label", "story-math": "number", "story-summary": "rouge"}
 
 
-def _qa(rng: random.Random) -> dict[str, Any]:
+def _cast(rng: random.Random) -> tuple[str, str, str, str, str]:
+    """Who, what, where, with whom, and the thing's colour: one story's elements."""
     name, obj, place, friend = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(FRIENDS)
-    color = rng.choice(COLORS)
+    return name, obj, place, friend, rng.choice(COLORS)
+
+
+def _qa(rng: random.Random) -> dict[str, Any]:
+    name, obj, place, friend, color = _cast(rng)
     story = (
         f"{name} had a {color} {obj}. One day, {name} went to the {place} with the {friend}. "
         f"{name} played with the {obj} all day and was very happy."
@@ -39,15 +45,11 @@ def _qa(rng: random.Random) -> dict[str, Any]:
     options = rng.sample([p for p in pool if p != gold], 2) + [gold]
     rng.shuffle(options)
     question = f"What color was the {obj}?" if kind == "color" else f"Where did {name} go?"
-    listed = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
-    k = options.index(gold) + 1
-    instruction = f"{story}\n\nQuestion: {question}\n\n{listed}\n\nAnswer format: answer1/answer2/answer3"
-    return {
-        "instruction": instruction,
-        "input": "",
-        "output": f"the correct answer is answer{k}",
-        "answer": f"answer{k}",
-    }
+    # The options are the label words themselves, as BoolQ's true/false are. (Options numbered
+    # answer1..answer3 had to be mapped from position to index; no method, FFT included, got
+    # above chance on that in 150 steps of this 260K-parameter model.)
+    instruction = f"{story}\n\nQuestion: {question}\n\nAnswer format: {'/'.join(options)}"
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {gold}", "answer": gold}
 
 
 def _math(rng: random.Random) -> dict[str, Any]:
@@ -66,8 +68,7 @@ def _math(rng: random.Random) -> dict[str, Any]:
 
 
 def _summary(rng: random.Random) -> dict[str, Any]:
-    name, obj, place, friend = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(FRIENDS)
-    color = rng.choice(COLORS)
+    name, obj, place, friend, color = _cast(rng)
     story = (
         f"One day, {name} and the {friend} went to the {place}. "
         f"At the {place}, {name} saw a {color} {obj} under a tree. "

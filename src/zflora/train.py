@@ -11,7 +11,6 @@ resumed from; and a JSON log records the loss curve, time per step and the confi
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,5 +224,3 @@ def step_time_summary(times: list[float]) -> float:
     body = sorted(body)
     return body[len(body) // 2] if body else float("nan")
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

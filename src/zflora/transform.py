@@ -8,6 +8,7 @@ the attention implementations, `Trainer` and `accelerate` keep working.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -175,3 +176,19 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's own parameters by qualified name (`...q_proj.zflora_B`), in either form."""
     _require_zflora(model)
     return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith(ADAPTER_PREFIX)}
+
+
+# ATen operators that only make views: they launch no kernel and move no data.
+VIEW_OPS = frozenset({
+    "view", "slice", "t", "transpose", "reshape", "_unsafe_view", "as_strided", "expand", "unsqueeze", "squeeze",
+    "select", "permute", "alias", "detach", "_reshape_alias", "view_as", "resolve_conj", "narrow", "flatten",
+    "unflatten",
+})  # fmt: skip
+
+
+def count_operators(model: nn.Module, input_ids: torch.Tensor) -> Counter:
+    """The compute operators (ATen ops that are not views) of one forward pass, by name."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(input_ids)
+    names = (e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::"))
+    return Counter(n for n in names if n not in VIEW_OPS)
