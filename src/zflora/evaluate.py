@@ -173,4 +173,3 @@ def run(
         atomic_write(output, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
         atomic_write(output.with_suffix(".md"), lambda tmp: tmp.write_text(table(results)))
     return results
-

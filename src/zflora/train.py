@@ -223,4 +223,3 @@ def step_time_summary(times: list[float]) -> float:
     body = times[1:] if len(times) > 1 else times
     body = sorted(body)
     return body[len(body) // 2] if body else float("nan")
-
