@@ -54,3 +54,17 @@ def test_bench_config_validation(kwargs, match):
 def test_bench_cli_reports_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="not a local checkpoint directory"):
         main(["bench", "--model", str(tmp_path / "nope"), "--no-progress"])
+
+
+def test_bench_one_model_at_a_time_when_memory_is_short(monkeypatch):
+    """The path the 8B shape takes on a 24 GiB machine: build, measure, free each method in turn."""
+    from zflora import bench
+
+    monkeypatch.setattr(bench, "_available_bytes", lambda device: 1)
+    cfg = BenchConfig(preset="tiny", rank=8, prompt_lens=(8,), decode_context=8, decode_steps=1, repeats=1,
+                      warmup=0, skip_projection=True, progress=False)  # fmt: skip
+    result = bench.run(cfg)
+    assert result["settings"]["interleaved_methods"] is False
+    assert {r["method"] for r in result["end_to_end"]} == set(E2E_METHODS)
+    assert {r["method"] for r in result["switch"]} == {"zflora", "lora-merged", "lora"}
+    assert "one at a time" in bench.markdown(result)

@@ -120,3 +120,12 @@ def test_real_data_end_to_end(stories_path, tmp_path):
     scored = json.loads(results.read_text())
     assert {k: v["kind"] for k, v in scored.items()} == {"boolq": "label", "gsm8k": "number", "dialogsum.dev": "rouge"}
     assert all(v["n"] == 3 for v in scored.values())
+
+
+@pytest.mark.parametrize("options", [["--dtype", "bf16"], ["--gradient-checkpointing"], ["--method", "lora-mha"]])
+def test_train_options(stories_path, task_file, tmp_path, options):
+    out = tmp_path / "run"
+    base = ["--max-steps", "2", "--batch-size", "4", "--max-length", "256", "--no-progress"]
+    main(["train", "--model", str(stories_path), "--data", str(task_file), "--output", str(out), *base, *options])
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["loss"])

@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,6 @@ class BenchConfig:
     chart_path: Path | None = None
     markdown_path: Path | None = None
     progress: bool = True
-    _errors: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any) -> None:
@@ -120,10 +119,6 @@ class Timer:
         for _ in range(inner):
             fn()
         return (time.perf_counter() - t) * 1e3 / inner
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
@@ -475,7 +470,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     own_copies = sum(m in ("lora-merged", "zflora", "zflora-mha") for m in cfg.methods)
     interleave = model_bytes(base) * (1 + own_copies) < 0.7 * _available_bytes(device)
 
-    settings = {k: v for k, v in asdict(cfg).items() if not k.startswith("_")}
+    settings = asdict(cfg)
     settings |= {"interleaved_methods": interleave, "layers": config.num_hidden_layers, "hidden_size": d}
     settings |= {"alpha": cfg.alpha or 2.0 * cfg.rank, "parameters_require_grad": True, "grad_mode": "no_grad"}
     result: dict[str, Any] = {"environment": environment(device, cfg), "settings": settings}
@@ -488,7 +483,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         samples[m]["decode", cfg.decode_context] = []
     info: dict[str, dict[str, Any]] = {}
 
-    def measure(method: str, model: nn.Module, runner: Runner, rounds: int, keep: bool) -> None:
+    def measure(method: str, runner: Runner, rounds: int, keep: bool) -> None:
         store = samples[method] if keep else {k: [] for k in samples[method]}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -516,7 +511,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             runners[m].fill_context()
         for rep in range(cfg.warmup + cfg.repeats):
             for m in rotated(list(cfg.methods), rep):  # every repetition visits every method
-                measure(m, models[m], runners[m], 1, keep=rep >= cfg.warmup)
+                measure(m, runners[m], 1, keep=rep >= cfg.warmup)
         result["switch"] = _switch_ratios(switch_study(models, cfg, timer))
         del models, runners
     else:
@@ -526,8 +521,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             describe(m, model)
             runner = Runner(model, cfg, config.vocab_size, device)
             runner.fill_context()
-            measure(m, model, runner, cfg.warmup, keep=False)
-            measure(m, model, runner, cfg.repeats, keep=True)
+            measure(m, runner, cfg.warmup, keep=False)
+            measure(m, runner, cfg.repeats, keep=True)
             if m in ("zflora", "lora", "lora-merged"):
                 switch_rows += switch_study({m: model}, cfg, timer)
             del model, runner

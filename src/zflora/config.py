@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,6 +91,3 @@ class ZFLoRAConfig:
         if unknown:
             raise ValueError(f"unknown zFLoRA config field(s): {', '.join(sorted(unknown))}")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)

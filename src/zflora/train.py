@@ -140,7 +140,8 @@ def build_trainer(
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_total_limit=cfg.save_total_limit,
-        bf16=cfg.dtype == "bf16",
+        bf16=cfg.dtype == "bf16",  # weights and adapters in bf16, matmuls under bf16 autocast
+        use_cpu=not torch.cuda.is_available(),  # Trainer's bf16 refuses a CPU unless told
         gradient_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
         data_seed=cfg.seed,
