@@ -222,5 +222,4 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     a corrupt file) before anything is written: on error the model is unchanged.
     The adapter's alpha may differ from the model's; the scaling follows the adapter.
     """
-    _require_zflora(model)
-    return set_adapter(model, read_adapter(path, model))
+    return set_adapter(model, read_adapter(path))  # set_adapter checks the fit before writing

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .adapter_io import CONFIG_NAME, atomic_write, load_adapter, read_adapter_config
+from .adapter_io import CONFIG_NAME, atomic_write, read_adapter, set_adapter
 from .data import Example, load_examples
 from .models import load_local_model, load_tokenizer
 from .scoring import infer_kind, rouge_scores, score_response
@@ -33,11 +33,10 @@ def load_for_eval(model_path: Path, adapter: Path | None, dtype: torch.dtype = t
         return model
     if not (Path(adapter) / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{adapter}: no {CONFIG_NAME}; pass a zFLoRA or PEFT adapter directory")
-    meta = json.loads((Path(adapter) / CONFIG_NAME).read_text())
-    if "zflora" in meta:
-        config, _ = read_adapter_config(adapter)
-        apply_zflora(model, config)
-        load_adapter(model, adapter)
+    if "zflora" in json.loads((Path(adapter) / CONFIG_NAME).read_text()):
+        weights = read_adapter(adapter)  # read and validated once; its config builds the architecture
+        apply_zflora(model, weights.config)
+        set_adapter(model, weights)
         return fuse(model).eval()
     from peft import PeftModel
 
