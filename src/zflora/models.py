@@ -47,10 +47,10 @@ def preset_config(name: str, layers: int | None = None) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
-def meta_model(config: LlamaConfig) -> LlamaForCausalLM:
-    """A model with no storage, for counting parameters of real shapes instantly."""
+def meta_model(config: Any) -> nn.Module:
+    """A causal LM of `config`'s architecture with no storage, for counting parameters instantly."""
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from .adapter_io import atomic_write
 from .data import Example, to_example
 from .evaluate import evaluate_tasks
 from .methods import count_trainable_parameters, prepare_model
-from .models import load_local_model, load_tokenizer
+from .models import load_local_model, load_tokenizer, meta_model
 from .tasks import TASKS, make_splits
 from .train import TrainConfig, step_time_summary, train_model
 from .transform import fuse, is_zflora
@@ -50,17 +50,15 @@ class StudyConfig:
 
 def matched_rank(model_path: Path, method: str, reference: str, rank: int) -> int:
     """The rank at which `method` trains about as many parameters as `reference` at `rank`."""
-    target = _count(model_path, reference, rank)
-    return min(range(1, 8 * rank + 1), key=lambda k: abs(_count(model_path, method, k) - target))
+    from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)  # read once, not per candidate rank
 
-def _count(model_path: Path, method: str, rank: int) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    def count(m: str, r: int) -> int:
+        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=2 * r))
 
-    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return count_trainable_parameters(prepare_model(model, method, r=rank, alpha=2 * rank))
+    target = count(reference, rank)
+    return min(range(1, 8 * rank + 1), key=lambda k: abs(count(method, k) - target))
 
 
 def run_one(

@@ -11,6 +11,7 @@ resumed from; and a JSON log records the loss curve, time per step and the confi
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,5 +223,4 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def step_time_summary(times: list[float]) -> float:
     """Median seconds per step, skipping the first (warm-up) step when there are more."""
     body = times[1:] if len(times) > 1 else times
-    body = sorted(body)
-    return body[len(body) // 2] if body else float("nan")
+    return statistics.median_high(body) if body else float("nan")
