@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench clean vllm-setup test-vllm serve-bench
 
 BENCH_OUT := runs/bench
 
@@ -28,8 +28,28 @@ test: lint
 bench: $(STAMP)
 	.venv/bin/zflora bench --json $(BENCH_OUT)/bench.json --chart $(BENCH_OUT)/bench.png --markdown $(BENCH_OUT)/bench.md
 
+# vLLM serving (issue 5): its own environment, since vLLM pins its own transformers.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+SERVE_OUT  := runs/serve-bench
+
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt scripts/setup-vllm.sh
+	scripts/setup-vllm.sh $(VLLM_VENV)
+	touch $(VLLM_STAMP)
+
+# vLLM parity tests (greedy tokens of the plugin = the Hugging Face fused model's; zero B = vLLM's base).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_serve.py
+
+# Serving latency in one vLLM build: base vs vLLM LoRA vs the zFLoRA plugin, LLaMA-3.2-1B's shape.
+serve-bench: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/zflora serve-bench --json $(SERVE_OUT)/serve-bench.json --chart $(SERVE_OUT)/serve-bench.png \
+		--markdown $(SERVE_OUT)/serve-bench.md
+
 demo: $(STAMP)
 	.venv/bin/zflora demo
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf .venv $(VLLM_VENV) .pytest_cache .ruff_cache src/*.egg-info

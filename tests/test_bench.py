@@ -60,7 +60,7 @@ def test_bench_one_model_at_a_time_when_memory_is_short(monkeypatch):
     """The path the 8B shape takes on a 24 GiB machine: build, measure, free each method in turn."""
     from zflora import bench
 
-    monkeypatch.setattr(bench, "_available_bytes", lambda device: 1)
+    monkeypatch.setattr(bench, "available_bytes", lambda device: 1)
     cfg = BenchConfig(preset="tiny", rank=8, prompt_lens=(8,), decode_context=8, decode_steps=1, repeats=1,
                       warmup=0, skip_projection=True, progress=False)  # fmt: skip
     result = bench.run(cfg)

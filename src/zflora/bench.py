@@ -225,7 +225,7 @@ def projection_study(cfg: BenchConfig, config: Any, device: torch.device, timer:
 # --------------------------------------------------------------------------- study 2
 
 
-def _randomize_lora(model: nn.Module, seed: int, adapter: str | None = None) -> None:
+def randomize_lora(model: nn.Module, seed: int, adapter: str | None = None) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -256,7 +256,7 @@ def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool
     rank, alpha = cfg.rank, cfg.alpha or 2.0 * cfg.rank
     if method.startswith("lora"):
         model = prepare_model(model, "lora-mha" if method == "lora-mha" else "lora", r=rank, alpha=alpha)
-        _randomize_lora(model, cfg.seed + 1)
+        randomize_lora(model, cfg.seed + 1)
         if method == "lora-merged":
             model.merge_adapter()
     else:
@@ -362,7 +362,7 @@ def switch_study(models: dict[str, nn.Module], cfg: BenchConfig, timer: Timer, r
                 with warnings.catch_warnings():  # PEFT unmerges here, and says so
                     warnings.simplefilter("ignore")
                     model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
-                _randomize_lora(model, cfg.seed + 3, adapter="other")
+                randomize_lora(model, cfg.seed + 3, adapter="other")
                 _switch_lora(model, 1, merged=False)
                 if merged:
                     model.merge_adapter()
@@ -398,7 +398,7 @@ def _time_switch(method: str, operation: str, timer: Timer, repeats: int, fn: Ca
 # --------------------------------------------------------------------------- driver
 
 
-def environment(device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
+def environment(device: torch.device, dtype: str) -> dict[str, Any]:
     import peft
     import transformers
 
@@ -423,12 +423,12 @@ def environment(device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
         "peft": peft.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "dtype": cfg.dtype,
+        "dtype": dtype,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 
-def _available_bytes(device: torch.device) -> int:
+def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -468,12 +468,12 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     # Interleave methods only if every model fits at once; else one at a time (recorded in the output).
     own_copies = sum(m in ("lora-merged", "zflora", "zflora-mha") for m in cfg.methods)
-    interleave = model_bytes(base) * (1 + own_copies) < 0.7 * _available_bytes(device)
+    interleave = model_bytes(base) * (1 + own_copies) < 0.7 * available_bytes(device)
 
     settings = asdict(cfg)
     settings |= {"interleaved_methods": interleave, "layers": config.num_hidden_layers, "hidden_size": d}
     settings |= {"alpha": cfg.alpha or 2.0 * cfg.rank, "parameters_require_grad": True, "grad_mode": "no_grad"}
-    result: dict[str, Any] = {"environment": environment(device, cfg), "settings": settings}
+    result: dict[str, Any] = {"environment": environment(device, cfg.dtype), "settings": settings}
     result["projection"] = [] if cfg.skip_projection else projection_study(cfg, config, device, timer, bar)
 
     samples: dict[str, dict[tuple[str, int], list[float]]] = {m: {} for m in cfg.methods}

@@ -118,6 +118,28 @@ def study(args: argparse.Namespace) -> None:
     print(st.markdown(st.run(cfg)))
 
 
+def serve(args: argparse.Namespace) -> None:
+    """Start vLLM's OpenAI-compatible server on the base checkpoint with the zFLoRA adapter fused in."""
+    from zflora.serve import serve as run_server
+
+    sys.exit(run_server(str(args.model), None if args.adapter is None else str(args.adapter), args.vllm_args,
+                        dry_run=args.dry_run))  # fmt: skip
+
+
+def serve_bench(args: argparse.Namespace) -> None:
+    """Serving latency in vLLM: base vs vLLM LoRA vs the zFLoRA plugin."""
+    from zflora.vllm_bench import ServeBenchConfig, run, write_outputs
+
+    cfg = ServeBenchConfig(
+        preset=args.preset, model=args.model, layers=args.layers, rank=args.rank, targets=args.targets,
+        dtype=args.dtype, prompt_lens=tuple(args.prompt_lens), decode_tokens=args.decode_tokens,
+        batch_sizes=tuple(args.batch_sizes), batch_tokens=args.batch_tokens, repeats=args.repeats,
+        warmup=args.warmup, methods=tuple(args.methods), enforce_eager=args.enforce_eager, workdir=args.workdir,
+        json_path=args.json, chart_path=args.chart, markdown_path=args.markdown, progress=not args.no_progress,
+    )  # fmt: skip
+    print(write_outputs(run(cfg), cfg))
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",")]
@@ -214,9 +236,46 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, default=None, help="write study.json and study.md here")
     p.add_argument("--no-progress", action="store_true")
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser(
+        "serve",
+        help="vLLM OpenAI-compatible server for a base checkpoint + zFLoRA adapter (needs vLLM)",
+        description="Arguments after the options (or after --) are passed to vLLM's api_server, e.g. --port 8000.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="the base model's local checkpoint directory")
+    p.add_argument("--adapter", type=Path, default=None, help="zFLoRA adapter directory (none: serve the base)")
+    p.add_argument("--dry-run", action="store_true", help="check the adapter and print the vLLM command only")
+
+    from zflora.vllm_bench import ServeBenchConfig
+
+    vd = ServeBenchConfig()
+    p = sub.add_parser("serve-bench", help="serving latency in vLLM: base vs vLLM LoRA vs zFLoRA (needs vLLM)")
+    p.add_argument("--preset", default=vd.preset, choices=list(PRESETS), help="real model shape, random weights")
+    p.add_argument("--model", type=Path, default=None, help="a local checkpoint instead of a preset")
+    p.add_argument("--layers", type=int, default=None, help="cut the depth to N layers (recorded in the output)")
+    p.add_argument("--rank", type=int, default=vd.rank)
+    p.add_argument("--targets", default=vd.targets, choices=["all", "mha"], help="projections, same for both")
+    p.add_argument("--dtype", default=vd.dtype, choices=list(DTYPES))
+    p.add_argument("--prompt-lens", type=_ints, default=vd.prompt_lens, help="time-to-first-token prompt lengths")
+    p.add_argument("--decode-tokens", type=int, default=vd.decode_tokens, help="timed decode tokens per request")
+    p.add_argument("--batch-sizes", type=_ints, default=vd.batch_sizes, help="throughput batch sizes")
+    p.add_argument("--batch-tokens", type=int, default=vd.batch_tokens, help="new tokens per request in batches")
+    p.add_argument("--repeats", type=int, default=vd.repeats)
+    p.add_argument("--warmup", type=int, default=vd.warmup, help="untimed rounds first")
+    p.add_argument("--methods", type=_strs, default=vd.methods, help=join(vd.methods))
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (all methods)")
+    p.add_argument("--workdir", type=Path, default=None, help="where to write the checkpoint and adapters")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--chart", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.vllm_args = [a for a in extra if a != "--"]
     commands = {"demo": lambda: demo(args.model, args.rank), "bench": lambda: bench(args), "train": lambda: train(args),
-                "eval": lambda: evaluate(args), "study": lambda: study(args)}  # fmt: skip
+                "eval": lambda: evaluate(args), "study": lambda: study(args), "serve": lambda: serve(args),
+                "serve-bench": lambda: serve_bench(args)}  # fmt: skip
     try:
         commands[args.command]()
     except (ValueError, FileNotFoundError) as e:

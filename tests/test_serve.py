@@ -1,0 +1,235 @@
+"""vLLM serving: load-time fusion and adapter checks (always), and vLLM parity (where vLLM is installed).
+
+The parity tests run in `.venv-vllm` (`make test-vllm`); in the main environment
+they skip because vLLM is not installed there.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import pytest
+import torch
+from conftest import randomize_adapter, tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import zflora
+from zflora.cli import main
+from zflora.modules import HiddenReadLinear
+from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, fuse_checkpoint, hf_overrides, read_for_config
+
+CASES = {
+    # name: (ZFLoRAConfig kwargs, tied embeddings)
+    "all": (dict(r=8, alpha=16), False),
+    "mha-lm_head-tied": (dict(r=4, alpha=8, targets="mha", lm_head=True), True),
+    "q-down-no-expansion": (dict(r=6, alpha=3, targets=["q", "down"], expand_input=False), False),
+}
+
+
+def checkpoint_tensors(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
+    """What save_pretrained writes: the state dict, without the tied LM head."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if tied:
+        sd.pop("lm_head.weight")
+    return sd
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fuse_checkpoint_equals_hf_fused_model(tmp_path, case):
+    kwargs, tied = CASES[case]
+    model = tiny_model(tie=tied)
+    d = model.config.hidden_size
+    sd = checkpoint_tensors(model, tied)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(**kwargs))
+    randomize_adapter(model)
+    zflora.save_adapter(model, tmp_path / "ad")
+    adapter = read_for_config(model.config, tmp_path / "ad")
+    fused = dict(fuse_checkpoint(sd.items(), adapter, tied))
+    zflora.fuse(model)
+    cfg = adapter.config
+
+    expected_names = set(sd) | ({"lm_head.weight"} if cfg.lm_head else set())
+    expected_names |= {"model.zflora_A_in"} if cfg.expand_input else set()
+    assert set(fused) == expected_names
+    for name, t in fused.items():
+        if name == "model.zflora_A_in":
+            want = model.model.embed_tokens.zflora_A_in
+        elif name == "lm_head.weight":
+            head = model.lm_head  # the HF model keeps the head unfused (it is the output merge)
+            want = head.weight if not cfg.lm_head else torch.cat([head.weight, cfg.scaling * head.zflora_B], dim=1)
+        elif name == "model.embed_tokens.weight":
+            want = model.model.embed_tokens.weight
+        else:
+            module_name, attr = name.rsplit(".", 1)
+            module = model.get_submodule(module_name)
+            want = getattr(module, attr)
+            if isinstance(module, HiddenReadLinear):  # untargeted input projection: zero columns for z
+                want = torch.cat([want, want.new_zeros(want.shape[0], cfg.r)], dim=1)
+        assert torch.equal(t, want.detach()), name
+        if name.endswith(("q_proj.weight", "gate_proj.weight")):
+            assert t.shape[1] == d + cfg.r, name
+        if name.endswith(("o_proj.weight", "down_proj.weight", "norm.weight")):
+            assert t.shape[0] == d + cfg.r, name
+
+
+def test_fuse_checkpoint_biases_get_zeros_for_z(tmp_path):
+    cfg = tiny_model().config
+    cfg.attention_bias, cfg.mlp_bias = True, True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    sd = checkpoint_tensors(model, False)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
+    randomize_adapter(model)
+    zflora.save_adapter(model, tmp_path / "ad")
+    fused = dict(fuse_checkpoint(sd.items(), read_for_config(cfg, tmp_path / "ad"), False))
+    zflora.fuse(model)
+    for name in ("model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.o_proj.bias",
+                 "model.layers.0.mlp.down_proj.bias"):  # fmt: skip
+        assert torch.equal(fused[name], model.get_submodule(name.rsplit(".", 1)[0]).bias), name
+    assert fused["model.layers.0.mlp.down_proj.bias"][-4:].abs().sum() == 0
+
+
+def save_base(path, tied: bool = False, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A tiny LLaMA checkpoint that vLLM's CPU attention accepts (head_dim 32, GQA)."""
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2,
+                  tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_hf_overrides_checks_adapter_before_vllm(tmp_path):
+    model = save_base(tmp_path / "base")
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
+    zflora.save_adapter(model, tmp_path / "ad")
+    over = hf_overrides(tmp_path / "ad", tmp_path / "base")
+    assert over == {"architectures": [ARCHITECTURE], ADAPTER_FIELD: str((tmp_path / "ad").resolve())}
+    save_base(tmp_path / "other", hidden_size=96)
+    with pytest.raises(zflora.AdapterError, match="hidden_size: adapter 64, model 96"):
+        hf_overrides(tmp_path / "ad", tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="adapter directory not found"):
+        hf_overrides(tmp_path / "nothing", tmp_path / "base")
+    qwen = tiny_model("qwen2")
+    with pytest.raises(zflora.UnsupportedModelError, match="model_type llama"):
+        read_for_config(qwen.config, tmp_path / "ad")
+
+
+def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
+    model = save_base(tmp_path / "base")
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
+    zflora.save_adapter(model, tmp_path / "ad")
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--dry-run",
+              "--", "--port", "8123"])  # fmt: skip
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server" in out and "--port 8123" in out
+    assert ARCHITECTURE in out and "--served-model-name ad" in out
+    (tmp_path / "ad" / "adapter_config.json").write_text("{")
+    with pytest.raises(SystemExit, match="zflora serve: .*not valid JSON"):
+        main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--dry-run"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--port", "1"])  # unknown options are only passed through by `serve`
+
+
+# --------------------------------------------------------------------------- vLLM parity
+
+
+def vllm_tokens(model_dir, prompts, n: int, overrides=None, eager: bool = True) -> list[list[int]]:
+    """Greedy tokens from a fresh vLLM engine in fp32."""
+    from vllm import LLM, SamplingParams
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", enforce_eager=eager,
+              max_model_len=256, max_num_seqs=4, enable_prefix_caching=False, hf_overrides=overrides or {})  # fmt: skip
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                       SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)  # fmt: skip
+    del llm
+    gc.collect()
+    return [list(o.outputs[0].token_ids) for o in out]
+
+
+def hf_tokens(model, prompts, n: int) -> list[list[int]]:
+    """Greedy tokens from the Hugging Face model with its KV cache; EOS is a token like any other (ignore_eos)."""
+    out = []
+    for p in prompts:
+        ids, past, tokens = torch.tensor([p]), None, []
+        with torch.no_grad():
+            for _ in range(n):
+                step = model(ids, past_key_values=past, use_cache=True)
+                past, nxt = step.past_key_values, int(step.logits[0, -1].argmax())
+                tokens.append(nxt)
+                ids = torch.tensor([[nxt]])
+        out.append(tokens)
+    return out
+
+
+PROMPTS = [[1, 5, 9, 22, 7], [3] + list(range(10, 50)), [100, 2]]
+N_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    return pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm)")
+
+
+@pytest.mark.parametrize("case", ["all", "mha-lm_head-tied"])
+def test_vllm_zflora_equals_hf_fused(vllm, tmp_path, case):
+    kwargs, tied = CASES[case]
+    model = save_base(tmp_path / "base", tied=tied)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(**kwargs))
+    randomize_adapter(model, std=0.3)
+    zflora.save_adapter(model, tmp_path / "ad")
+    zflora.fuse(model)
+    want = hf_tokens(model, PROMPTS, N_TOKENS)
+    got = vllm_tokens(tmp_path / "base", PROMPTS, N_TOKENS, hf_overrides(tmp_path / "ad", tmp_path / "base"))
+    assert got == want
+    # The adapter changes the output: the comparison above is not the base model's tokens twice.
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    assert hf_tokens(base, PROMPTS, N_TOKENS) != want
+
+
+def test_vllm_zero_b_equals_vllm_base(vllm, tmp_path):
+    model = save_base(tmp_path / "base")
+    want = hf_tokens(model, PROMPTS, N_TOKENS)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8))  # B = 0, A and A_in random: exact at init
+    zflora.save_adapter(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["zflora"]["r"] == 8
+    base = vllm_tokens(tmp_path / "base", PROMPTS, N_TOKENS)
+    zero = vllm_tokens(tmp_path / "base", PROMPTS, N_TOKENS, hf_overrides(tmp_path / "ad", tmp_path / "base"))
+    assert zero == base == want
+
+
+def test_vllm_compiled_equals_eager(vllm, tmp_path):
+    """vLLM's default mode (torch.compile) runs the plugin too, with the same tokens."""
+    model = save_base(tmp_path / "base")
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8))
+    randomize_adapter(model, std=0.3)
+    zflora.save_adapter(model, tmp_path / "ad")
+    zflora.fuse(model)
+    over = hf_overrides(tmp_path / "ad", tmp_path / "base")
+    assert vllm_tokens(tmp_path / "base", PROMPTS, N_TOKENS, over, eager=False) == hf_tokens(model, PROMPTS, N_TOKENS)
+
+
+def test_vllm_stories260k(vllm, tmp_path, stories_path):
+    from vllm.platforms import current_platform
+
+    config = LlamaConfig.from_pretrained(stories_path)
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if config.head_dim not in sizes:
+            pytest.skip(f"vLLM's CPU attention takes head sizes {sizes}; stories260K's is {config.head_dim}")
+    model = zflora.models.load_local_model(stories_path)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8))
+    randomize_adapter(model, std=0.05)
+    zflora.save_adapter(model, tmp_path / "ad")
+    zflora.fuse(model)
+    prompts = [[1, 403, 407, 261, 378], [1, 20, 30, 40]]
+    got = vllm_tokens(stories_path, prompts, 32, hf_overrides(tmp_path / "ad", stories_path))
+    assert got == hf_tokens(model, prompts, 32)
