@@ -9,6 +9,13 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +240,55 @@ def test_vllm_stories260k(vllm, tmp_path, stories_path):
     prompts = [[1, 403, 407, 261, 378], [1, 20, 30, 40]]
     got = vllm_tokens(stories_path, prompts, 32, hf_overrides(tmp_path / "ad", stories_path))
     assert got == hf_tokens(model, prompts, 32)
+
+
+def test_zflora_serve_answers_openai_completions(vllm, tmp_path, stories_path):
+    """`zflora serve` starts vLLM's OpenAI server with the adapter fused; a text completion = the HF fused model's."""
+    from transformers import AutoTokenizer
+
+    model = save_base(tmp_path / "base", vocab_size=512)  # stories260K's tokenizer, so the server takes text
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(stories_path / name, tmp_path / "base" / name)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8))
+    randomize_adapter(model, std=0.3)
+    zflora.save_adapter(model, tmp_path / "my-task")
+    zflora.fuse(model)
+    prompt = "Once upon a time"
+    want = hf_tokens(model, [AutoTokenizer.from_pretrained(tmp_path / "base")(prompt).input_ids], 16)[0]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    zflora_cmd = Path(sys.executable).with_name("zflora")
+    cmd = [str(zflora_cmd), "serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "my-task"),
+           "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "256", "--max-num-seqs", "2"]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed below)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                models = json.load(urllib.request.urlopen(f"{url}/models", timeout=5))
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not start"
+                time.sleep(2)
+        assert [m["id"] for m in models["data"]] == ["my-task"]
+        body = {"model": "my-task", "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        headers = {"Content-Type": "application/json"}
+        req = urllib.request.Request(f"{url}/completions", json.dumps(body).encode(), headers)
+        choice = json.load(urllib.request.urlopen(req, timeout=120))["choices"][0]
+        assert choice["token_ids"] == want
+        assert choice["text"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

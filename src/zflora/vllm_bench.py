@@ -56,8 +56,8 @@ class ServeBenchConfig:
     dtype: str = "bf16"
     prompt_lens: tuple[int, ...] = (128, 512)
     decode_tokens: int = 16
-    batch_sizes: tuple[int, ...] = (1, 4, 16)
-    batch_tokens: int = 16
+    batch_sizes: tuple[int, ...] = (1, 4)
+    batch_tokens: int = 8
     repeats: int = 5
     warmup: int = 1
     methods: tuple[str, ...] = METHODS
