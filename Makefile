@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: $(STAMP)
-	.venv/bin/ruff check src tests
-	.venv/bin/ruff format --check src tests
+	.venv/bin/ruff check src tests scripts
+	.venv/bin/ruff format --check src tests scripts
 
 test: lint
 	$(PY) -m pytest -q tests

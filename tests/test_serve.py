@@ -143,6 +143,28 @@ def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
         main(["bench", "--port", "1"])  # unknown options are only passed through by `serve`
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(rank=0), "rank: must be a positive integer"), (dict(batch_sizes=()), "batch_sizes: must not be empty"),
+     (dict(methods=("lora",)), "methods: must include 'base'"), (dict(targets="q"), "targets: must be 'all' or 'mha'"),
+     (dict(preset="gpt2"), "preset: unknown 'gpt2'"), (dict(prompt_lens=(128, 0)), "prompt_lens: must be a positive")],
+)  # fmt: skip
+def test_serve_bench_config_validation(kwargs, match):
+    from zflora.vllm_bench import ServeBenchConfig
+
+    with pytest.raises(ValueError, match=match):
+        ServeBenchConfig(**kwargs)
+
+
+def test_serve_bench_without_vllm_says_how_to_get_it():
+    from zflora.serve import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(SystemExit, match="make vllm-setup"):
+        main(["serve-bench", "--layers", "1", "--no-progress"])
+
+
 # --------------------------------------------------------------------------- vLLM parity
 
 

@@ -45,6 +45,12 @@ E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def positive(name: str, value: Any) -> None:
+    """Validate a config field that must be a positive integer; the error names the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
 @dataclass
 class BenchConfig:
     preset: str = "llama-3.2-1b"
@@ -73,28 +79,35 @@ class BenchConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        def positive(name: str, value: Any) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-
-        for name in ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"):
-            positive(name, getattr(self, name))
-        for name in ("prompt_lens", "proj_tokens", "proj_ranks"):
-            for v in getattr(self, name):
-                positive(name, v)
-        if self.layers is not None:
-            positive("layers", self.layers)
-        if self.warmup < 0:
-            raise ValueError(f"warmup: must be >= 0, got {self.warmup}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: {', '.join(DTYPES)}")
-        unknown = [m for m in self.methods if m not in E2E_METHODS]
-        if unknown or "base" not in self.methods:
-            raise ValueError(f"methods: must include 'base' and come from {', '.join(E2E_METHODS)}; got {unknown}")
+        check_fields(
+            self, E2E_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"),
+            ("prompt_lens", "proj_tokens", "proj_ranks"),
+        )  # fmt: skip
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
-        if self.model is None:
-            preset_config(self.preset)  # validates the name
+
+
+def check_fields(cfg: Any, methods: tuple[str, ...], integers: tuple[str, ...], lists: tuple[str, ...]) -> None:
+    """The checks a benchmark config shares: positive integers (and non-empty lists of them),
+    layers, warm-up, dtype, methods (base among them) and the preset name."""
+    for name in integers:
+        positive(name, getattr(cfg, name))
+    for name in lists:
+        if not getattr(cfg, name):
+            raise ValueError(f"{name}: must not be empty")
+        for v in getattr(cfg, name):
+            positive(name, v)
+    if cfg.layers is not None:
+        positive("layers", cfg.layers)
+    if cfg.warmup < 0:
+        raise ValueError(f"warmup: must be >= 0, got {cfg.warmup}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown {cfg.dtype!r}; accepted: {', '.join(DTYPES)}")
+    unknown = [m for m in cfg.methods if m not in methods]
+    if unknown or "base" not in cfg.methods:
+        raise ValueError(f"methods: must include 'base' and come from {', '.join(methods)}; got {list(cfg.methods)}")
+    if cfg.model is None:
+        preset_config(cfg.preset)  # validates the name
 
 
 # --------------------------------------------------------------------------- timing
@@ -702,12 +715,18 @@ def chart(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict[str, Any], cfg: BenchConfig) -> str:
-    text = markdown(result)
+def write_outputs(
+    result: dict[str, Any],
+    cfg: Any,
+    render: Callable[[dict[str, Any]], str] | None = None,
+    draw: Callable[[dict[str, Any], Path], None] | None = None,
+) -> str:
+    """Write what `cfg` asks for (JSON, Markdown, PNG chart), each atomically; return the Markdown."""
+    text = (render or markdown)(result)
     if cfg.json_path:
         atomic_write(cfg.json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=1, default=str) + "\n"))
     if cfg.markdown_path:
         atomic_write(cfg.markdown_path, lambda tmp: tmp.write_text(text))
     if cfg.chart_path:
-        chart(result, cfg.chart_path)
+        (draw or chart)(result, cfg.chart_path)
     return text

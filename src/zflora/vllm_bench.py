@@ -20,7 +20,6 @@ nothing is served from a cache. Medians and interquartile ranges; ratios to base
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import statistics
@@ -33,11 +32,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from . import bench
 from .adapter_io import atomic_write, save_adapter
-from .bench import DTYPES, available_bytes, environment, randomize_lora, rotated, summarize
+from .bench import DTYPES, available_bytes, check_fields, environment, randomize_lora, rotated, summarize
 from .config import ZFLoRAConfig
 from .methods import lora_config
-from .models import PRESETS, load_local_model, preset_config, random_model, require_local
+from .models import load_local_model, preset_config, random_model, require_local
 from .serve import hf_overrides, require_vllm
 from .transform import adapter_parameters, apply_zflora
 
@@ -70,25 +70,10 @@ class ServeBenchConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("rank", "decode_tokens", "batch_tokens", "repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup: must be >= 0, got {self.warmup!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: {', '.join(DTYPES)}")
+        integers = ("rank", "decode_tokens", "batch_tokens", "repeats")
+        check_fields(self, METHODS, integers, ("prompt_lens", "batch_sizes"))
         if self.targets not in ("all", "mha"):
             raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
-        if self.model is None and self.preset not in PRESETS:
-            raise ValueError(f"preset: unknown {self.preset!r}; accepted: {', '.join(PRESETS)}")
-        for name in ("prompt_lens", "batch_sizes"):
-            values = getattr(self, name)
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-                raise ValueError(f"{name}: must be positive integers, got {values!r}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or "base" not in self.methods:
-            raise ValueError(f"methods: must include 'base' and be from {', '.join(METHODS)}; got {self.methods!r}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
 
@@ -303,8 +288,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{env['hardware']} ({env['cpu_count']} CPUs), torch {env['torch']}, {env['date']}. "
         f"{'Interleaved' if result['interleaved'] else 'One engine after another'}, "
-        f"{st['repeats']} repetitions after {st['warmup']} warm-up; medians (p25-p75); x base = slowdown "
-        "(throughput: base / method).",
+        f"{st['repeats']} repetitions after {st['warmup']} warm-up; medians (quartiles and every sample in the "
+        "JSON); x base = slowdown (throughput: base / method).",
         "",
         "| measure | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
@@ -339,7 +324,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for i, m in enumerate(methods):
         vals = [next(r["slowdown_vs_base"] for r in rows if r["method"] == m and (r["phase"], r["size"]) == k)
                 for k in keys]  # fmt: skip
-        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=f"vLLM {m}")
+        bars = ax.bar([j + i * width for j in range(len(keys))], vals, width, label=f"vLLM {m}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    if max(r["slowdown_vs_base"] for r in rows) > 3:
+        ax.set_yscale("log")  # LoRA on a CPU is an order of magnitude off; keep zFLoRA's bars readable
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.05, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{p}\n{s}" for p, s in keys])
@@ -354,11 +342,4 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], cfg: ServeBenchConfig) -> str:
-    text = markdown(result)
-    if cfg.json_path:
-        atomic_write(cfg.json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=1, default=str) + "\n"))
-    if cfg.markdown_path:
-        atomic_write(cfg.markdown_path, lambda tmp: tmp.write_text(text))
-    if cfg.chart_path:
-        chart(result, cfg.chart_path)
-    return text
+    return bench.write_outputs(result, cfg, markdown, chart)
