@@ -314,3 +314,23 @@ def test_zflora_serve_answers_openai_completions(vllm, tmp_path, stories_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_serve_bench_runs_all_three_engines(vllm, tmp_path):
+    """A smoke run of `zflora serve-bench` on a tiny local checkpoint: base, vLLM LoRA and zFLoRA, all reported."""
+    save_base(tmp_path / "base")
+    out = tmp_path / "sb"
+    main(["serve-bench", "--model", str(tmp_path / "base"), "--rank", "8", "--dtype", "fp32", "--enforce-eager",
+          "--repeats", "2", "--warmup", "0", "--prompt-lens", "16", "--decode-tokens", "3", "--batch-sizes", "1,2",
+          "--batch-tokens", "2", "--workdir", str(tmp_path), "--no-progress", "--json", str(out / "r.json"),
+          "--markdown", str(out / "r.md"), "--chart", str(out / "r.png")])  # fmt: skip
+    result = json.loads((out / "r.json").read_text())
+    keys = {(r["method"], r["phase"], r["size"]) for r in result["rows"]}
+    measures = {("ttft", 16), ("decode", 1), ("throughput", 1), ("throughput", 2)}
+    assert keys == {(m, *k) for m in ("base", "lora", "zflora") for k in measures}
+    assert all(r["n"] == 2 and r["median"] > 0 for r in result["rows"])
+    assert {t["target"] for t in result["targets"]} == {"zflora ttft prompt 16 <= 1.05x base",
+                                                        "zflora decode batch 1 <= 1.05x base"}  # fmt: skip
+    assert set(result["decode_timing"]) == {"base", "lora", "zflora"}
+    assert (out / "r.png").stat().st_size > 0 and "| throughput, batch 2" in (out / "r.md").read_text()
+    assert not list(tmp_path.glob("zflora-serve-bench-*"))  # the checkpoints were cleaned up

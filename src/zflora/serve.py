@@ -102,7 +102,7 @@ def fuse_checkpoint(
 
     def read_z(w: torch.Tensor, key: str) -> torch.Tensor:  # [W | s B]
         b = t.get(f"{key}.zflora_B")
-        extra = w.new_zeros(w.shape[0], r) if b is None else s * b.to(w.dtype)
+        extra = w.new_zeros(w.shape[0], r) if b is None else s * b.to(w.device, w.dtype)
         return torch.cat([w, extra], dim=1)
 
     for name, w in weights:
@@ -112,7 +112,7 @@ def fuse_checkpoint(
                 w = read_z(w, key) if kind == "weight" else w
             elif kind == "weight":
                 a = t.get(f"{key}.zflora_A")
-                w = torch.cat([w, w.new_zeros(r, w.shape[1]) if a is None else a.to(w.dtype)], dim=0)
+                w = torch.cat([w, w.new_zeros(r, w.shape[1]) if a is None else a.to(w.device, w.dtype)], dim=0)
             else:
                 w = torch.cat([w, w.new_zeros(r)])
         elif _NORM.fullmatch(name):

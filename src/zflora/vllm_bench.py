@@ -135,6 +135,7 @@ class Engine:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = 0.85 * share  # engines that live together split the GPU
         self.lora = None
+        self.decode_timing = ""
         if method == "lora":
             from vllm.lora.request import LoRARequest
 
@@ -158,11 +159,12 @@ class Engine:
         return (time.perf_counter() - t) * 1e3, out
 
 
-def _decode_ms(output: Any, wall_ms: float, ttft_ms: float, n: int) -> float:
+def _decode_ms(output: Any, wall_ms: float, ttft_ms: float, n: int) -> tuple[float, str]:
+    """Per-token decode time of one request of 1 + n tokens, and where it came from."""
     m = getattr(output, "metrics", None)
     if m is not None and getattr(m, "last_token_ts", 0) > getattr(m, "first_token_ts", 0) > 0:
-        return (m.last_token_ts - m.first_token_ts) * 1e3 / n
-    return (wall_ms - ttft_ms) / n  # without per-request timestamps: wall time less the prefill
+        return (m.last_token_ts - m.first_token_ts) * 1e3 / n, "vLLM request timestamps"
+    return (wall_ms - ttft_ms) / n, "wall time less a separate request's TTFT"  # no timestamps from this vLLM
 
 
 def measure(engine: Engine, cfg: ServeBenchConfig, rng: random.Random, out: dict[tuple, list[float]]) -> None:
@@ -174,7 +176,8 @@ def measure(engine: Engine, cfg: ServeBenchConfig, rng: random.Random, out: dict
         out[("ttft", p)].append(ms)
     ttft, _ = engine.generate([prompt(DECODE_PROMPT)], 1)
     wall, res = engine.generate([prompt(DECODE_PROMPT)], 1 + cfg.decode_tokens)
-    out[("decode", 1)].append(_decode_ms(res[0], wall, ttft, cfg.decode_tokens))
+    ms, engine.decode_timing = _decode_ms(res[0], wall, ttft, cfg.decode_tokens)
+    out[("decode", 1)].append(ms)
     for b in cfg.batch_sizes:
         ms, _ = engine.generate([prompt(DECODE_PROMPT) for _ in range(b)], cfg.batch_tokens)
         out[("throughput", b)].append(b * cfg.batch_tokens / (ms / 1e3))  # output tokens / s
@@ -199,6 +202,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
         together = _fit_together(cfg, paths["base"])
         samples: dict[str, dict[tuple, list[float]]] = {}
         startup: dict[str, float] = {}
+        decode_timing: dict[str, str] = {}
         rng = random.Random(cfg.seed)
         rounds = cfg.warmup + cfg.repeats
         bar = tqdm(total=rounds * len(cfg.methods), desc="serve-bench", disable=not cfg.progress)
@@ -206,6 +210,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
         def measured(engine: Engine, method: str, rep: int) -> None:
             into = samples.setdefault(method, _empty(cfg))
             measure(engine, cfg, rng, into if rep >= cfg.warmup else _empty(cfg))
+            decode_timing[method] = engine.decode_timing
             bar.update(1)
 
         if together:
@@ -232,6 +237,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
         "environment": env,
         "interleaved": together,
         "startup_s": startup,
+        "decode_timing": decode_timing,
         "rows": rows,
         "targets": check_targets(rows),
         "samples": {m: {f"{k[0]}@{k[1]}": v for k, v in s.items()} for m, s in samples.items()},
@@ -305,6 +311,9 @@ def markdown(result: dict[str, Any]) -> str:
         unit = " (tokens/s)" if phase == "throughput" else ""
         lines.append(f"| {PHASE_NAMES[phase].format(size)}{unit} | " + " | ".join(cells) + " |")
     lines += ["", "Engine start-up (s): " + ", ".join(f"{m} {s:.1f}" for m, s in result["startup_s"].items()), ""]
+    sources = sorted(set(result.get("decode_timing", {}).values()))
+    if sources:
+        lines += [f"Decode per token from: {'; '.join(sources)}.", ""]
     lines += ["Targets:", ""]
     lines += [f"- {t['target']}: {t['value']:.3f} -> {'met' if t['met'] else 'MISSED'}" for t in result["targets"]]
     return "\n".join(lines) + "\n"
