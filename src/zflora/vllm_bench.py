@@ -124,7 +124,7 @@ class Engine:
         kwargs: dict[str, Any] = dict(
             model=str(paths["base"]),
             skip_tokenizer_init=True,
-            dtype=cfg.dtype.replace("bf16", "bfloat16").replace("fp16", "float16").replace("fp32", "float32"),
+            dtype=str(DTYPES[cfg.dtype]).removeprefix("torch."),  # vLLM's names: bfloat16, float16, float32
             max_model_len=cfg.max_model_len,
             max_num_seqs=max(cfg.batch_sizes),
             enable_prefix_caching=False,
@@ -159,12 +159,12 @@ class Engine:
         return (time.perf_counter() - t) * 1e3, out
 
 
-def _decode_ms(output: Any, wall_ms: float, ttft_ms: float, n: int) -> tuple[float, str]:
-    """Per-token decode time of one request of 1 + n tokens, and where it came from."""
+def _decode_ms(output: Any, n: int) -> float | None:
+    """Per-token decode time of a request of 1 + n tokens from vLLM's per-request (engine-core) timestamps."""
     m = getattr(output, "metrics", None)
     if m is not None and getattr(m, "last_token_ts", 0) > getattr(m, "first_token_ts", 0) > 0:
-        return (m.last_token_ts - m.first_token_ts) * 1e3 / n, "vLLM request timestamps"
-    return (wall_ms - ttft_ms) / n, "wall time less a separate request's TTFT"  # no timestamps from this vLLM
+        return (m.last_token_ts - m.first_token_ts) * 1e3 / n
+    return None
 
 
 def measure(engine: Engine, cfg: ServeBenchConfig, rng: random.Random, out: dict[tuple, list[float]]) -> None:
@@ -174,9 +174,11 @@ def measure(engine: Engine, cfg: ServeBenchConfig, rng: random.Random, out: dict
     for p in cfg.prompt_lens:
         ms, _ = engine.generate([prompt(p)], 1)
         out[("ttft", p)].append(ms)
-    ttft, _ = engine.generate([prompt(DECODE_PROMPT)], 1)
     wall, res = engine.generate([prompt(DECODE_PROMPT)], 1 + cfg.decode_tokens)
-    ms, engine.decode_timing = _decode_ms(res[0], wall, ttft, cfg.decode_tokens)
+    ms, engine.decode_timing = _decode_ms(res[0], cfg.decode_tokens), "vLLM request timestamps"
+    if ms is None:  # a vLLM without per-request timestamps: wall time less a separate request's prefill
+        ttft, _ = engine.generate([prompt(DECODE_PROMPT)], 1)
+        ms, engine.decode_timing = (wall - ttft) / cfg.decode_tokens, "wall time less a separate request's TTFT"
     out[("decode", 1)].append(ms)
     for b in cfg.batch_sizes:
         ms, _ = engine.generate([prompt(DECODE_PROMPT) for _ in range(b)], cfg.batch_tokens)
