@@ -21,6 +21,7 @@ the base checkpoint streams in (`zflora.serve.fuse_checkpoint`).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,11 @@ def _zflora_config(hf_config: Any) -> ZFLoRAConfig:
             f"{ARCHITECTURE} needs the adapter directory in the config override {ADAPTER_FIELD!r}: "
             "pass hf_overrides=zflora.serve.hf_overrides(ADAPTER, BASE) to vllm.LLM, or use `zflora serve`"
         )
+    return _read_config(str(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_config(path: str) -> ZFLoRAConfig:  # every decoder layer asks for it while the model is built
     return read_adapter_config(path)[0]
 
 
