@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .adapter_io import Adapter, atomic_write, base_identity, load_adapter, save_adapter, set_adapter
+from .config import alpha_for
 from .methods import prepare_model
 from .models import load_local_model, preset_config, random_model
 from .transform import adapter_parameters, fuse
@@ -266,7 +267,7 @@ def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool
         shared = method in ("lora", "lora-mha")
         memo = {id(t): t for t in [*base.parameters(), *base.buffers()]} if shared else {}
         model = copy.deepcopy(base, memo)
-    rank, alpha = cfg.rank, cfg.alpha or 2.0 * cfg.rank
+    rank, alpha = cfg.rank, alpha_for(cfg.rank, cfg.alpha)
     if method.startswith("lora"):
         model = prepare_model(model, "lora-mha" if method == "lora-mha" else "lora", r=rank, alpha=alpha)
         randomize_lora(model, cfg.seed + 1)
@@ -485,7 +486,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     settings = asdict(cfg)
     settings |= {"interleaved_methods": interleave, "layers": config.num_hidden_layers, "hidden_size": d}
-    settings |= {"alpha": cfg.alpha or 2.0 * cfg.rank, "parameters_require_grad": True, "grad_mode": "no_grad"}
+    settings |= {"alpha": alpha_for(cfg.rank, cfg.alpha), "parameters_require_grad": True, "grad_mode": "no_grad"}
     result: dict[str, Any] = {"environment": environment(device, cfg.dtype), "settings": settings}
     result["projection"] = [] if cfg.skip_projection else projection_study(cfg, config, device, timer, bar)
 

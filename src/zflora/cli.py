@@ -14,6 +14,7 @@ DEFAULT_MODEL = Path("../shared/models/stories260K")
 def demo(model_path: Path, rank: int) -> None:
     """Apply zFLoRA to a real model and measure the method's properties on it."""
     import zflora
+    from zflora.config import alpha_for
     from zflora.models import load_local_model, load_tokenizer, meta_model, preset_config
     from zflora.transform import count_operators
 
@@ -29,7 +30,7 @@ def demo(model_path: Path, rank: int) -> None:
         base_logits = model(ids).logits
     base_story = model.generate(ids, max_new_tokens=40, do_sample=False)
     base_ops = count_operators(model, ids)
-    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=rank, alpha=2 * rank))
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=rank, alpha=alpha_for(rank)))
     print(f"\n{model_path}: zFLoRA r={rank}, {zflora.count_trainable_parameters(model):,} trainable parameters")
     with torch.no_grad():
         exact = torch.equal(model(ids).logits, base_logits)
@@ -49,7 +50,7 @@ def demo(model_path: Path, rank: int) -> None:
     print("  fused vs unfused with a random non-zero adapter, max |logit diff| / max |logit|:")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         model = load_local_model(model_path, dtype)
-        zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=rank, alpha=2 * rank))
+        zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=rank, alpha=alpha_for(rank)))
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in zflora.adapter_parameters(model).values():

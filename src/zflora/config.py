@@ -27,6 +27,11 @@ def _normalise_target(name: Any) -> str:
     return short
 
 
+def alpha_for(rank: int, alpha: float | None = None) -> float:
+    """`alpha`, or the default every command uses when it is not given: 2 * rank (a common LoRA choice)."""
+    return float(alpha) if alpha else 2.0 * rank
+
+
 @dataclass
 class ZFLoRAConfig:
     """Configuration of a zFLoRA adapter.

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .adapter_io import atomic_write
+from .config import alpha_for
 from .data import Example, to_example
 from .evaluate import evaluate_tasks
 from .methods import count_trainable_parameters, prepare_model
@@ -55,7 +56,7 @@ def matched_rank(model_path: Path, method: str, reference: str, rank: int) -> in
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)  # read once, not per candidate rank
 
     def count(m: str, r: int) -> int:
-        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=2 * r))
+        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=alpha_for(r)))
 
     target = count(reference, rank)
     return min(range(1, 8 * rank + 1), key=lambda k: abs(count(method, k) - target))

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from .adapter_io import atomic_write, load_adapter, save_adapter
+from .config import alpha_for
 from .data import Example, load_examples, tokenize
 from .methods import METHODS, count_trainable_parameters, prepare_model
 from .models import load_local_model, load_tokenizer
@@ -173,7 +174,7 @@ def train_model(
         raise ValueError(f"no trainable record left after truncation to max_length={cfg.max_length}")
     torch.manual_seed(cfg.seed)  # adapter initialisation (A matrices) depends on it
     model = model if model is not None else load_local_model(cfg.model, DTYPES[cfg.dtype])
-    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=cfg.alpha or 2.0 * cfg.rank)
+    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=alpha_for(cfg.rank, cfg.alpha))
     if cfg.gradient_checkpointing and cfg.method != "fft":
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
     timer = StepTimer()

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import bench
 from .adapter_io import atomic_write, save_adapter
 from .bench import DTYPES, available_bytes, check_fields, environment, randomize_lora, rotated, summarize
-from .config import ZFLoRAConfig
+from .config import ZFLoRAConfig, alpha_for
 from .methods import lora_config
 from .models import load_local_model, preset_config, random_model, require_local
 from .serve import hf_overrides, require_vllm
@@ -75,7 +75,7 @@ class ServeBenchConfig:
         if self.targets not in ("all", "mha"):
             raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
         if self.alpha is None:
-            self.alpha = 2.0 * self.rank
+            self.alpha = alpha_for(self.rank)
 
     @property
     def max_model_len(self) -> int:
