@@ -26,6 +26,8 @@ def test_formats_and_template(tmp_path):
     assert to_example(mawps, "x").target == "5"
     ex = to_example({"dialogue": "#Person1#: hi", "summary": "They greet."}, "x")
     assert "### Input:\n#Person1#: hi" in ex.prompt and ex.target == "They greet."
+    multi = {"dialogue": "#Person1#: hi", "summary1": "They greet.", "summary2": "Hello.", "summary3": "Hi."}
+    assert to_example(multi, "x").target == "They greet."  # first reference trains; all of them score
     file = tmp_path / "d.jsonl"
     file.write_text(json.dumps({"prompt": "Q: 1+1?", "response": "2"}) + "\n\n")
     assert load_examples(file)[0] == Example("Q: 1+1?", "2", {"prompt": "Q: 1+1?", "response": "2"})
@@ -42,6 +44,7 @@ def test_formats_and_template(tmp_path):
         ),
         ('[{"instruction": "a", "output": "", "answer": ""}]', r"record 0: neither 'output' nor 'answer'"),
         ('[{"question": "a"}]', r"record 0: unknown record format"),
+        ('[{"dialogue": "a", "summary1": "b"}, {"dialogue": "a", "summary1": ""}]', r"record 1: no gold summary"),
         ('{"instruction": "a"}', "expected a JSON list"),
     ],
 )

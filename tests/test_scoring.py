@@ -11,7 +11,8 @@ from conftest import SHARED
 
 from zflora import score_response
 from zflora.data import load_records
-from zflora.scoring import extract_choice, extract_number, infer_kind
+from zflora.evaluate import score_task, table
+from zflora.scoring import extract_choice, extract_number, infer_kind, references
 
 DATA = SHARED / "data"
 FILES = sorted(DATA.glob("*/*/test.json")) + sorted(DATA.glob("dialogsum/*.jsonl"))
@@ -20,7 +21,7 @@ FILES = sorted(DATA.glob("*/*/test.json")) + sorted(DATA.glob("dialogsum/*.jsonl
 def gold_response(record: dict, kind: str) -> str:
     """What a perfect model would answer, in each format's own style."""
     if kind == "rouge":
-        return record["summary"]
+        return references(record)[-1]  # the last reference: with several, any one is a perfect answer
     if kind == "number":
         return f"Some reasoning with 12 and 3.5 first. The answer is {record['answer']}."
     if kind == "choice":
@@ -101,3 +102,22 @@ def test_rouge_and_kind_errors():
     assert 0 < score_response(record, "People greet.") < 1
     with pytest.raises(ValueError, match="kind: unknown 'bleu'"):
         score_response(record, "x", kind="bleu")
+
+
+def test_multi_reference_summary_takes_best_match():
+    record = {"dialogue": "#Person1#: hi", "summary1": "They greet.", "summary2": "Two people say hello to each other."}
+    assert references(record) == ["They greet.", "Two people say hello to each other."]
+    assert infer_kind(record) == "rouge"
+    assert score_response(record, "Two people say hello to each other.") == 1.0
+    assert score_response(record, "They greet.") == 1.0
+    single = score_response({"dialogue": "x", "summary": "They greet."}, "Two people say hello to each other.")
+    assert single < 0.5  # against summary1 alone the same answer scores low
+    result = score_task([record, record], ["They greet.", "Two people greet."])
+    assert result["references"] == 2 and result["rougeL"] > result["rouge2"]
+    assert "best of 2 references" in table({"dialogsum.test": result})
+
+
+@pytest.mark.skipif(not (DATA / "dialogsum/dialogsum.test.jsonl").is_file(), reason="DialogSum test set absent")
+def test_dialogsum_test_set_has_three_references():
+    records = load_records(DATA / "dialogsum/dialogsum.test.jsonl")
+    assert all(len(references(r)) == 3 for r in records)

@@ -2,7 +2,8 @@
 
 Formats (one record each; `.json` is a list, `.jsonl` one object per line):
     LLM-Adapters   {"instruction", "input", "output", "answer"}    commonsense / math suites
-    DialogSum      {"dialogue", "summary", ...}                    summary-dialogue
+    DialogSum      {"dialogue", "summary", ...}                    summary-dialogue (train/dev)
+                   {"dialogue", "summary1", "summary2", ...}       its test set: several references
     generic        {"prompt", "response"}                          anything else
 
 Prompt template: the Alpaca one that LLM-Adapters trains and evaluates with
@@ -17,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .scoring import is_summary_record, summary_references
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -62,9 +65,13 @@ def to_example(record: Any, where: str) -> Example:
     """One record in any supported format -> Example; `where` names it in errors ("file: record 3")."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if "dialogue" in record or "summary" in record:
-        dialogue, summary = _text(record, "dialogue", where), _text(record, "summary", where)
-        return Example(format_prompt(SUMMARY_INSTRUCTION, dialogue), summary, record)
+    if is_summary_record(record):
+        dialogue = _text(record, "dialogue", where)
+        refs = summary_references(record)
+        if not refs:
+            raise DataError(f"{where}: no gold summary (a non-empty 'summary', or 'summary1', 'summary2', ...)")
+        # The first reference is the training target; scoring uses all of them.
+        return Example(format_prompt(SUMMARY_INSTRUCTION, dialogue), refs[0], record)
     if "instruction" in record:
         instruction = _text(record, "instruction", where)
         output = _text(record, "output", where, required=False)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .adapter_io import CONFIG_NAME, atomic_write, read_adapter, set_adapter
 from .data import Example, load_examples
 from .models import load_local_model, load_tokenizer
-from .scoring import infer_kind, rouge_scores, score_response
+from .scoring import infer_kind, references, rouge_scores, score_response
 from .transform import apply_zflora, fuse
 
 # Tokens to generate per kind (generation stops at EOS): small vocabularies need more per word.
@@ -73,14 +73,16 @@ def generate(
 
 
 def score_task(records: list[dict], responses: list[str], kind: str | None = None) -> dict[str, Any]:
-    """Mean score of one task; ROUGE-1/2/L too for summaries."""
+    """Mean score of one task; for summaries ROUGE-1/2/L too, and how many references each record had
+    (several: each ROUGE type is the best match over them, `rouge_score`'s `score_multi`)."""
     kind = kind or infer_kind(records[0])
     scores = [score_response(r, resp, kind) for r, resp in zip(records, responses, strict=True)]
     result: dict[str, Any] = {"kind": kind, "n": len(scores), "score": 100 * statistics.fmean(scores)}
     if kind == "rouge":
-        golds = [r.get("summary") or r.get("answer") or r.get("output") for r in records]
-        all_r = [rouge_scores(g, resp) for g, resp in zip(golds, responses, strict=True)]
+        refs = [references(r) for r in records]
+        all_r = [rouge_scores(g, resp) for g, resp in zip(refs, responses, strict=True)]
         result |= {k: 100 * statistics.fmean(s[k] for s in all_r) for k in ("rouge1", "rouge2", "rougeL")}
+        result["references"] = statistics.fmean(len(g) for g in refs)
     return result
 
 
@@ -109,6 +111,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| task | kind | n | score |", "|---|---|---|---|"]
     for name, r in results.items():
         extra = f" (R1 {r['rouge1']:.1f}, R2 {r['rouge2']:.1f})" if r["kind"] == "rouge" else ""
+        if r.get("references", 1) > 1:
+            extra += f", best of {r['references']:g} references"
         lines.append(f"| {name} | {r['kind']} | {r['n']} | {r['score']:.2f}{extra} |")
     lines.append(f"| **average** | | | {statistics.fmean(r['score'] for r in results.values()):.2f} |")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,10 @@ Kinds, after LLM-Adapters' evaluation (Hu et al., 2023) and DialogSum:
     number  math: the last number in the response (commas, signs, decimals, fractions),
             equal to the gold number within a small tolerance
     choice  multiple choice (AQuA): the last option letter A-E in the response
-    rouge   summaries: ROUGE-L F1 against the gold summary (ROUGE-1/2 reported beside it)
+    rouge   summaries: ROUGE-L F1 against the gold summary (ROUGE-1/2 reported beside it). A
+            record with several references (DialogSum's test set: summary1..summary3) is
+            scored against all of them, keeping the best match per ROUGE type, as
+            `rouge_score`'s `score_multi` does
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ LABEL_WORDS = re.compile(r"\b(true|false|solution[12]|answer[1-5]|option[12]|end
 FORMAT_LINE = re.compile(r"answer format:\s*([A-Za-z0-9_/ ]+)", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?")
 OPTION_LETTER = re.compile(r"\(([A-E])\)|\b([A-E])\b(?![a-z'])")
+# DialogSum: `summary` (train/dev) or `summary1`, `summary2`, ... (the test set's human references).
+SUMMARY_KEY = re.compile(r"summary\d*")
+
+
+def summary_references(record: dict[str, Any]) -> list[str]:
+    """A summary record's gold references, in key order (`summary`, then `summary1`, `summary2`, ...)."""
+    keys = sorted((k for k in record if SUMMARY_KEY.fullmatch(k)), key=lambda k: (len(k), k))
+    return [record[k].strip() for k in keys if isinstance(record[k], str) and record[k].strip()]
+
+
+def is_summary_record(record: dict[str, Any]) -> bool:
+    return "dialogue" in record or any(SUMMARY_KEY.fullmatch(k) for k in record)
 
 
 def _gold(record: dict[str, Any]) -> str:
@@ -30,9 +45,14 @@ def _gold(record: dict[str, Any]) -> str:
     raise ValueError("record has no gold answer (expected 'answer', or 'summary' for summaries)")
 
 
+def references(record: dict[str, Any]) -> list[str]:
+    """Every gold reference of a record: several for a multi-reference summary, else one."""
+    return summary_references(record) or [_gold(record)]
+
+
 def infer_kind(record: dict[str, Any]) -> str:
     """The scoring kind a record calls for, from its fields."""
-    if "summary" in record and "dialogue" in record:
+    if is_summary_record(record):
         return "rouge"
     gold = _gold(record)
     if re.fullmatch(r"[A-E]", gold):
@@ -95,19 +115,21 @@ def _rouge() -> Any:
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
-def rouge_scores(reference: str, response: str) -> dict[str, float]:
-    scores = _rouge().score(reference, response)
+def rouge_scores(refs: list[str], response: str) -> dict[str, float]:
+    """ROUGE-1/2/L F1 of `response`, each the best over the references (`score_multi`)."""
+    scores = _rouge().score_multi(refs, response)
     return {k: v.fmeasure for k, v in scores.items()}
 
 
 def score_response(record: dict[str, Any], response: str, kind: str | None = None) -> float:
-    """Score one response: 1.0/0.0 for label, number and choice; ROUGE-L F1 for summaries."""
+    """Score one response: 1.0/0.0 for label, number and choice; ROUGE-L F1 for summaries
+    (the best over the record's references when it has several)."""
     kind = kind or infer_kind(record)
     if kind not in KINDS:
         raise ValueError(f"kind: unknown {kind!r}; accepted: {', '.join(KINDS)}")
-    gold = _gold(record)
     if kind == "rouge":
-        return rouge_scores(gold, response)["rougeL"]
+        return rouge_scores(references(record), response)["rougeL"]
+    gold = _gold(record)
     if kind == "number":
         want, got = parse_number(gold), extract_number(response)
         if want is None:
