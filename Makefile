@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test lint demo bench clean vllm-setup test-vllm serve-bench
+.PHONY: setup test lint demo bench bench-full clean vllm-setup test-vllm serve-bench
 
 BENCH_OUT := runs/bench
 
@@ -24,11 +24,17 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 
-# The paper's latency study on LLaMA-3.2-1B's shape (random weights), about 8.5 minutes on 2 CPU cores.
+# The headline latency comparison at LLaMA-3.2-1B's shape (random weights): base, PEFT LoRA, zFLoRA,
+# prefill and decode, in the dtype this machine runs natively (bf16 with AVX-512 BF16 / AMX or a GPU, else fp32).
 bench: $(STAMP)
 	.venv/bin/zflora bench --json $(BENCH_OUT)/bench.json --chart $(BENCH_OUT)/bench.png --markdown $(BENCH_OUT)/bench.md
 
-# vLLM serving (issue 5): its own environment, since vLLM pins its own transformers.
+# The full study: every method, the one-projection sweep, adapter switching, 5 repetitions after 2 warm-up.
+bench-full: $(STAMP)
+	.venv/bin/zflora bench --full --json $(BENCH_OUT)/bench-full.json --chart $(BENCH_OUT)/bench-full.png \
+		--markdown $(BENCH_OUT)/bench-full.md
+
+# vLLM serving: its own environment, since vLLM pins its own transformers.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 SERVE_OUT  := runs/serve-bench
@@ -39,9 +45,10 @@ $(VLLM_STAMP): pyproject.toml constraints-vllm.txt scripts/setup-vllm.sh
 	scripts/setup-vllm.sh $(VLLM_VENV)
 	touch $(VLLM_STAMP)
 
-# vLLM parity tests (greedy tokens of the plugin = the Hugging Face fused model's; zero B = vLLM's base).
+# vLLM parity tests (greedy tokens of the plugin = the Hugging Face fused model's; zero B = vLLM's base),
+# and the benchmark's decode check on the transformers version vLLM pins.
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_serve.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_serve.py tests/test_bench.py::test_decode_steps_read_the_filled_context
 
 # Serving latency in one vLLM build: base vs vLLM LoRA vs the zFLoRA plugin, LLaMA-3.2-1B's shape.
 serve-bench: $(VLLM_STAMP)

@@ -52,13 +52,7 @@ def tiny_model(
 
 def randomize_adapter(model: torch.nn.Module, seed: int = 1, std: float = 0.2) -> None:
     """Non-zero adapters (B included), so that equivalence checks can fail. Keeps fused blocks in sync."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in zflora.adapter_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-        for m in model.modules():
-            if isinstance(m, zflora.modules.FusedLinear):
-                m.refresh_adapter()
+    zflora.set_adapter(model, zflora.random_adapter(model, seed, std))
 
 
 def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

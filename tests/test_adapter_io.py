@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import zflora
 from zflora.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from zflora.modules import ZFLoRALinear
 
 
 def _adapted(seed: int, **kwargs) -> torch.nn.Module:
@@ -53,10 +54,8 @@ def test_save_replaces_existing_atomically(tmp_path):
 def test_fused_hot_swap_a_b_a(tmp_path, ids):
     zflora.save_adapter(_adapted(seed=1), tmp_path / "a")
     b = _adapted(seed=2, targets="all")
-    b.zflora_config.alpha = 24.0  # another alpha: the scaling follows the adapter
-    for m in b.modules():
-        if isinstance(m, zflora.modules.ZFLoRALinear):
-            m.scaling = 3.0
+    b.zflora_config.alpha = 24.0  # another alpha (scale 3): the scaling follows the adapter
+    assert all(m.scaling == 3.0 for m in b.modules() if isinstance(m, ZFLoRALinear))  # one place holds it
     zflora.save_adapter(b, tmp_path / "b")
     with torch.no_grad():
         logits_b_unfused = b(ids).logits
@@ -157,8 +156,10 @@ def test_missing_or_extra_tensors_change_nothing(tmp_path):
         ({"r": 0}, "r: must be a positive integer"),
         ({"r": 2.5}, "r: must be a positive integer"),
         ({"r": True}, "r: must be a positive integer"),
-        ({"alpha": 0}, "alpha: must be a positive number"),
-        ({"alpha": -3.0}, "alpha: must be a positive number"),
+        ({"alpha": 0}, "alpha: must be a positive finite number"),
+        ({"alpha": -3.0}, "alpha: must be a positive finite number"),
+        ({"alpha": float("inf")}, "alpha: must be a positive finite number"),
+        ({"alpha": float("nan")}, "alpha: must be a positive finite number"),
         ({"targets": "everything"}, "targets: unknown preset 'everything'"),
         ({"targets": ["q", "w_proj"]}, "targets: unknown projection 'w_proj'"),
         ({"targets": []}, "targets: must be"),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zflora.data import PROMPT_NO_INPUT, DataError, Example, load_examples, to_example, tokenize
+from zflora.finetune.data import PROMPT_NO_INPUT, DataError, Example, load_examples, to_example, tokenize
 
 
 class CharTokenizer:

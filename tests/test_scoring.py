@@ -10,9 +10,9 @@ import pytest
 from conftest import SHARED
 
 from zflora import score_response
-from zflora.data import load_records
-from zflora.evaluate import score_task, table
-from zflora.scoring import extract_choice, extract_number, infer_kind, references
+from zflora.finetune.data import load_records
+from zflora.finetune.evaluate import score_task, table
+from zflora.finetune.scoring import extract_choice, extract_number, infer_kind, references
 
 DATA = SHARED / "data"
 FILES = sorted(DATA.glob("*/*/test.json")) + sorted(DATA.glob("dialogsum/*.jsonl"))

@@ -24,8 +24,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import zflora
 from zflora.cli import main
+from zflora.fusion import fuse_state_dict
 from zflora.modules import HiddenReadLinear
-from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, fuse_checkpoint, hf_overrides, read_for_config
+from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, hf_overrides, read_for_config
 
 CASES = {
     # name: (ZFLoRAConfig kwargs, tied embeddings)
@@ -44,7 +45,7 @@ def checkpoint_tensors(model: torch.nn.Module, tied: bool) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fuse_checkpoint_equals_hf_fused_model(tmp_path, case):
+def test_fuse_state_dict_equals_hf_fused_model(tmp_path, case):
     kwargs, tied = CASES[case]
     model = tiny_model(tie=tied)
     d = model.config.hidden_size
@@ -53,7 +54,7 @@ def test_fuse_checkpoint_equals_hf_fused_model(tmp_path, case):
     randomize_adapter(model)
     zflora.save_adapter(model, tmp_path / "ad")
     adapter = read_for_config(model.config, tmp_path / "ad")
-    fused = dict(fuse_checkpoint(sd.items(), adapter, tied))
+    fused = dict(fuse_state_dict(sd.items(), adapter, tied))
     zflora.fuse(model)
     cfg = adapter.config
 
@@ -81,7 +82,7 @@ def test_fuse_checkpoint_equals_hf_fused_model(tmp_path, case):
             assert t.shape[0] == d + cfg.r, name
 
 
-def test_fuse_checkpoint_biases_get_zeros_for_z(tmp_path):
+def test_fuse_state_dict_biases_get_zeros_for_z(tmp_path):
     cfg = tiny_model().config
     cfg.attention_bias, cfg.mlp_bias = True, True
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def test_fuse_checkpoint_biases_get_zeros_for_z(tmp_path):
     zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
     randomize_adapter(model)
     zflora.save_adapter(model, tmp_path / "ad")
-    fused = dict(fuse_checkpoint(sd.items(), read_for_config(cfg, tmp_path / "ad"), False))
+    fused = dict(fuse_state_dict(sd.items(), read_for_config(cfg, tmp_path / "ad"), False))
     zflora.fuse(model)
     for name in ("model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.o_proj.bias",
                  "model.layers.0.mlp.down_proj.bias"):  # fmt: skip
@@ -129,10 +130,8 @@ def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
     model = save_base(tmp_path / "base")
     zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
     zflora.save_adapter(model, tmp_path / "ad")
-    with pytest.raises(SystemExit) as done:
-        main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--dry-run",
-              "--", "--port", "8123"])  # fmt: skip
-    assert done.value.code == 0
+    main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--dry-run",
+          "--", "--port", "8123"])  # fmt: skip
     out = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server" in out and "--port 8123" in out
     assert ARCHITECTURE in out and "--served-model-name ad" in out
@@ -141,6 +140,9 @@ def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
         main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--dry-run"])
     with pytest.raises(SystemExit):
         main(["bench", "--port", "1"])  # unknown options are only passed through by `serve`
+    with pytest.raises(SystemExit) as bad:  # a typo in zflora's own flags is refused, not passed to vLLM
+        main(["serve", "--model", str(tmp_path / "base"), "--adaptr", str(tmp_path / "ad"), "--", "--port", "1"])
+    assert bad.value.code == 2
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,7 @@ def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
      (dict(preset="gpt2"), "preset: unknown 'gpt2'"), (dict(prompt_lens=(128, 0)), "prompt_lens: must be a positive")],
 )  # fmt: skip
 def test_serve_bench_config_validation(kwargs, match):
-    from zflora.vllm_bench import ServeBenchConfig
+    from zflora.bench.config import ServeBenchConfig
 
     with pytest.raises(ValueError, match=match):
         ServeBenchConfig(**kwargs)
@@ -325,12 +327,12 @@ def test_serve_bench_runs_all_three_engines(vllm, tmp_path):
           "--batch-tokens", "2", "--workdir", str(tmp_path), "--no-progress", "--json", str(out / "r.json"),
           "--markdown", str(out / "r.md"), "--chart", str(out / "r.png")])  # fmt: skip
     result = json.loads((out / "r.json").read_text())
-    keys = {(r["method"], r["phase"], r["size"]) for r in result["rows"]}
-    measures = {("ttft", 16), ("decode", 1), ("throughput", 1), ("throughput", 2)}
+    keys = {(r["method"], r["phase"], r["tokens"], r["batch"]) for r in result["rows"]}
+    measures = {("ttft", 16, 1), ("decode", 128, 1), ("batch", 128, 1), ("batch", 128, 2)}
     assert keys == {(m, *k) for m in ("base", "lora", "zflora") for k in measures}
-    assert all(r["n"] == 2 and r["median"] > 0 for r in result["rows"])
-    assert {t["target"] for t in result["targets"]} == {"zflora ttft prompt 16 <= 1.05x base",
-                                                        "zflora decode batch 1 <= 1.05x base"}  # fmt: skip
+    assert all(r["n"] == 2 and r["median_ms"] > 0 and len(r["samples_ms"]) == 2 for r in result["rows"])
+    assert {t["target"] for t in result["targets"]} == {"zflora ttft 16 tokens / base <= 1.050",
+                                                        "zflora decode 128 tokens / base <= 1.050"}  # fmt: skip
     assert set(result["decode_timing"]) == {"base", "lora", "zflora"}
-    assert (out / "r.png").stat().st_size > 0 and "| throughput, batch 2" in (out / "r.md").read_text()
+    assert (out / "r.png").stat().st_size > 0 and "| batch 2: ms per output token" in (out / "r.md").read_text()
     assert not list(tmp_path.glob("zflora-serve-bench-*"))  # the checkpoints were cleaned up

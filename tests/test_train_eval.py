@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from zflora.cli import main
+from zflora.finetune.config import TrainConfig
+from zflora.finetune.tasks import make_task
+from zflora.finetune.train import last_complete_checkpoint, save_trained, train_model
 from zflora.models import load_tokenizer
-from zflora.tasks import make_task
-from zflora.train import TrainConfig, last_complete_checkpoint, save_trained, train_model
 
 
 @pytest.fixture

@@ -1,40 +1,72 @@
-"""zflora: zero-latency fused low-rank adapters (zFLoRA) for Hugging Face LLaMA-family models."""
+"""zflora: zero-latency fused low-rank adapters (zFLoRA) for Hugging Face LLaMA-family models.
 
-from .adapter_io import Adapter, AdapterError, load_adapter, read_adapter, save_adapter, set_adapter
-from .config import ZFLoRAConfig
-from .methods import METHODS, count_trainable_parameters, prepare_model
-from .scoring import score_response
-from .transform import (
-    SUPPORTED_ARCHITECTURES,
-    UnsupportedModelError,
-    adapter_parameters,
-    apply_zflora,
-    fuse,
-    is_fused,
-    is_zflora,
-    unfuse,
-)
+The core: `config` (ZFLoRAConfig), `modules` (the zFLoRA modules), `fusion` (the
+fused layout), `transform` (apply_zflora, fuse, unfuse), `adapter_io` (adapter
+files), `methods` (every fine-tuning method behind one call). The jobs built on
+it, each a subpackage: `bench`, `finetune`, `serve`. Names below are imported on
+first use, so `import zflora` (and the `zflora` command's help) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "Adapter": "adapter_io",
+    "AdapterError": "adapter_io",
+    "load_adapter": "adapter_io",
+    "read_adapter": "adapter_io",
+    "save_adapter": "adapter_io",
+    "set_adapter": "adapter_io",
+    "ZFLoRAConfig": "config",
+    "METHODS": "config",
+    "count_trainable_parameters": "methods",
+    "prepare_model": "methods",
+    "random_adapter": "methods",
+    "score_response": "finetune.scoring",
+    "SUPPORTED_ARCHITECTURES": "transform",
+    "UnsupportedModelError": "transform",
+    "adapter_parameters": "transform",
+    "apply_zflora": "transform",
+    "fuse": "transform",
+    "is_fused": "transform",
+    "is_zflora": "transform",
+    "unfuse": "transform",
+}
 __all__ = [
-    "METHODS",
-    "SUPPORTED_ARCHITECTURES",
-    "Adapter",
-    "AdapterError",
-    "UnsupportedModelError",
-    "ZFLoRAConfig",
-    "adapter_parameters",
-    "apply_zflora",
-    "count_trainable_parameters",
-    "fuse",
-    "is_fused",
-    "is_zflora",
-    "load_adapter",
-    "prepare_model",
-    "read_adapter",
-    "save_adapter",
-    "score_response",
-    "set_adapter",
-    "unfuse",
-]
+    "METHODS", "SUPPORTED_ARCHITECTURES", "Adapter", "AdapterError", "UnsupportedModelError", "ZFLoRAConfig",
+    "adapter_parameters", "apply_zflora", "count_trainable_parameters", "fuse", "is_fused", "is_zflora",
+    "load_adapter", "prepare_model", "random_adapter", "read_adapter", "save_adapter", "score_response",
+    "set_adapter", "unfuse",
+]  # fmt: skip
+
+if TYPE_CHECKING:
+    from .adapter_io import Adapter, AdapterError, load_adapter, read_adapter, save_adapter, set_adapter
+    from .config import METHODS, ZFLoRAConfig
+    from .finetune.scoring import score_response
+    from .methods import count_trainable_parameters, prepare_model, random_adapter
+    from .transform import (
+        SUPPORTED_ARCHITECTURES,
+        UnsupportedModelError,
+        adapter_parameters,
+        apply_zflora,
+        fuse,
+        is_fused,
+        is_zflora,
+        unfuse,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'zflora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

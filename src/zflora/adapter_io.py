@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ZFLoRAConfig
-from .modules import FusedLinear, ZFLoRALinear
+from .files import atomic_write
+from .models import head_dim
+from .modules import FusedLinear
 from .transform import _require_zflora, adapter_parameters
 
 CONFIG_NAME = "adapter_config.json"
@@ -53,10 +53,7 @@ class AdapterError(ValueError):
 
 def base_identity(model: nn.Module) -> dict[str, Any]:
     cfg = model.config
-    ident = {f: getattr(cfg, f, None) for f in IDENTITY_FIELDS}
-    if ident["head_dim"] is None:
-        ident["head_dim"] = cfg.hidden_size // cfg.num_attention_heads
-    return ident
+    return {f: getattr(cfg, f, None) for f in IDENTITY_FIELDS} | {"head_dim": head_dim(cfg)}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -81,22 +78,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str, Any]]:
@@ -155,11 +136,13 @@ def read_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> Ada
     config, ident = read_adapter_config(path)
     adapter = Adapter(config, ident, _read_tensors(path / WEIGHTS_NAME), str(path))
     if model is not None:
-        _check_fits(model, adapter)
+        check_fits(model, adapter)
     return adapter
 
 
-def _check_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
+def check_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
+    """Raise AdapterError unless `adapter` fits zFLoRA `model` (base, shape fields, tensor names and shapes);
+    return the model's adapter parameters by name."""
     where = adapter.source or "adapter"
     mine = base_identity(model)
     ident, config = adapter.base_model, adapter.config
@@ -202,15 +185,13 @@ def set_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     extra rows/columns of each projection are written; base blocks are never touched.
     """
     _require_zflora(model)
-    params = _check_fits(model, adapter)
+    params = check_fits(model, adapter)
     for name, t in adapter.tensors.items():
         params[name].copy_(t)
+    model.zflora_config.alpha = adapter.config.alpha  # the one place every module reads the scale from
     for m in model.modules():
-        if isinstance(m, ZFLoRALinear | FusedLinear):  # not LlamaAttention.scaling
-            m.scaling = adapter.config.scaling
         if isinstance(m, FusedLinear):
             m.refresh_adapter()
-    model.zflora_config = adapter.config
     return model
 
 

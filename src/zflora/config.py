@@ -1,9 +1,18 @@
-"""`ZFLoRAConfig`: which projections carry the adapter, its rank and scale."""
+"""`ZFLoRAConfig`: which projections carry the adapter, its rank and scale; the names every job shares.
+
+This module imports nothing heavy, so the command line can read it to build its flags.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# Fine-tuning methods, one name each across training, evaluation and the benchmarks.
+METHODS = ("base", "lora", "lora-mha", "zflora", "zflora-mha", "fft")
+# dtype names accepted everywhere (flags, configs), with torch's name for each; "auto" picks by hardware.
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Projection names of the LLaMA family, split by how zFLoRA adapts them.
 # Input projections read the residual stream and so can read the adapter state z
@@ -27,9 +36,34 @@ def _normalise_target(name: Any) -> str:
     return short
 
 
-def alpha_for(rank: int, alpha: float | None = None) -> float:
-    """`alpha`, or the default every command uses when it is not given: 2 * rank (a common LoRA choice)."""
-    return float(alpha) if alpha else 2.0 * rank
+def positive_int(name: str, value: Any) -> None:
+    """Validate a field that must be a positive integer; the error names the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def positive_finite(name: str, value: Any) -> None:
+    """Validate a field that must be a positive finite number; the error names the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+
+
+def default_alpha(r: int) -> float:
+    """The one alpha rule, for the library and every command: alpha = 2 r (scaling s = 2) unless given."""
+    return 2.0 * r
+
+
+def check_alpha(alpha: Any, r: int) -> float:
+    """`alpha` validated (a positive, finite number), or the default for rank `r` when it is None."""
+    if alpha is None:
+        return default_alpha(r)
+    try:
+        positive_finite("alpha", alpha)
+    except ValueError as e:
+        raise ValueError(f"{e} (or omit it for 2 * r)") from None
+    if not math.isfinite(alpha / r):
+        raise ValueError(f"alpha: {alpha!r} / r overflows")
+    return float(alpha)
 
 
 @dataclass
@@ -37,7 +71,9 @@ class ZFLoRAConfig:
     """Configuration of a zFLoRA adapter.
 
     r: adapter rank, the width of the adapter state z carried beside the hidden state.
-    alpha: scale numerator; up-projections are multiplied by `alpha / r` (as in LoRA).
+    alpha: scale numerator; up-projections are multiplied by `alpha / r` (as in LoRA). Omitted
+        (None): 2 r, the rule every entry point uses. The model's config is the one place that
+        holds it: every zFLoRA module reads `scaling` from it.
     targets: "all" (q,k,v,o,gate,up,down), "mha" (q,k,v,o) or a list of projection names.
     lm_head: also let the LM head read z (`logits += s * B_lm z`), B_lm initialised to 0.
     expand_input: z0 = A_in h0 at the embedding (True, the paper's choice) or z0 = 0. With
@@ -45,18 +81,15 @@ class ZFLoRAConfig:
     """
 
     r: int = 16
-    alpha: float = 32.0
+    alpha: float | None = None
     targets: str | list[str] | tuple[str, ...] = "all"
     lm_head: bool = False
     expand_input: bool = True
     target_modules: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r: must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0:
-            raise ValueError(f"alpha: must be a positive number, got {self.alpha!r}")
-        self.alpha = float(self.alpha)
+        positive_int("r", self.r)
+        self.alpha = check_alpha(self.alpha, self.r)
         for name in ("lm_head", "expand_input"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")

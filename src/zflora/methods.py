@@ -4,26 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from .config import ALL_PROJECTIONS, TARGET_PRESETS, ZFLoRAConfig
-from .transform import apply_zflora
+from .adapter_io import Adapter, base_identity
+from .config import ALL_PROJECTIONS, METHODS, TARGET_PRESETS, ZFLoRAConfig, check_alpha
+from .models import head_dim
+from .transform import adapter_parameters, apply_zflora
 
-METHODS = ("base", "lora", "lora-mha", "zflora", "zflora-mha", "fft")
 
-
-def lora_config(r: int, alpha: float, targets: str = "all") -> Any:
-    """PEFT LoRA on the same projections zFLoRA uses (no dropout, no bias)."""
+def lora_config(r: int, alpha: float | None = None, targets: str = "all") -> Any:
+    """PEFT LoRA on the same projections zFLoRA uses (no dropout, no bias); alpha by the same rule."""
     from peft import LoraConfig
 
     modules = [f"{p}_proj" for p in TARGET_PRESETS[targets]]
     return LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
-    )
+        r=r, lora_alpha=check_alpha(alpha, r), target_modules=modules, lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
 
 
-def prepare_model(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0, **zflora_kwargs: Any) -> nn.Module:
+def prepare_model(
+    model: nn.Module, method: str, r: int = 16, alpha: float | None = None, **zflora_kwargs: Any
+) -> nn.Module:
     """Prepare a LLaMA-family causal LM for `method`; returns the model to train or serve.
+
+    `alpha` None means 2 r for every method (`zflora.config.default_alpha`).
 
     base        everything frozen (the reference)
     lora        PEFT LoRA on q,k,v,o,gate,up,down (returns a PeftModel)
@@ -47,6 +53,23 @@ def prepare_model(model: nn.Module, method: str, r: int = 16, alpha: float = 32.
     return get_peft_model(model, lora_config(r, alpha, targets))
 
 
+def random_adapter(model: nn.Module, seed: int = 0, std: float = 0.02) -> Adapter:
+    """A non-zero zFLoRA adapter for `model` (B included), for benchmarks and tests that must be able to fail."""
+    g = torch.Generator().manual_seed(seed)
+    params = adapter_parameters(model)
+    tensors = {n: (torch.randn(p.shape, generator=g) * std).to(p.dtype) for n, p in params.items()}
+    return Adapter(model.zflora_config, base_identity(model), tensors)
+
+
+@torch.no_grad()
+def randomize_lora(model: nn.Module, seed: int = 0, std: float = 0.02, adapter: str | None = None) -> None:
+    """Non-zero PEFT LoRA B matrices (PEFT starts them at zero), for all adapters or the one named."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_B" in n and (adapter is None or f".{adapter}." in n):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def count_trainable_parameters(model: nn.Module) -> int:
     """Number of parameters that receive gradients (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -55,8 +78,7 @@ def count_trainable_parameters(model: nn.Module) -> int:
 def zflora_parameter_formula(config: Any, zf: ZFLoRAConfig) -> int:
     """The spec's count: r*(in_o + in_down) + r*(out_q+out_k+out_v+out_gate+out_up) per layer, + r*d once."""
     d, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
     size = {"q": q, "k": kv, "v": kv, "gate": inter, "up": inter, "o": q, "down": inter}
     per_layer = sum(zf.r * size[p] for p in ALL_PROJECTIONS if p in zf.target_modules)
     extra = zf.r * d * zf.expand_input + (zf.r * config.vocab_size if zf.lm_head else 0)

@@ -1,8 +1,7 @@
-"""Models to work on: real model shapes with random weights, and local checkpoints.
+"""Models to work on: real model shapes with random weights, local checkpoints, dtypes by hardware.
 
-The presets copy the shapes of the public config.json files. Latency does not
-depend on weight values, so benchmarks build them with random weights; nothing
-is ever downloaded.
+Latency does not depend on weight values, so benchmarks build the preset shapes
+(`presets.py`) with random weights; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -15,25 +14,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-PRESETS: dict[str, dict] = {
-    "llama-3.2-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-    ),
-    "llama-3.2-3b": dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-    ),
-    # A few-second shape for smoke tests.
-    "tiny": dict(
-        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=8, vocab_size=512, tie_word_embeddings=True,
-    ),
-}  # fmt: skip
+from .config import DTYPES
+from .presets import PRESETS
 
 
 def preset_config(name: str, layers: int | None = None) -> LlamaConfig:
@@ -45,6 +27,46 @@ def preset_config(name: str, layers: int | None = None) -> LlamaConfig:
             raise ValueError(f"layers: must be positive, got {layers}")
         fields["num_hidden_layers"] = layers
     return LlamaConfig(**fields)
+
+
+def head_dim(config: Any) -> int:
+    """Attention head size: `head_dim` when the config sets it, else hidden_size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype by the names every flag and config uses (`zflora.config.DTYPES`)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype: unknown {name!r}; accepted: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` runs bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere (AVX2 only) PyTorch emulates bf16, about 60x slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def auto_dtype(name: str, device: torch.device | str = "cpu") -> str:
+    """`name`, or for "auto" the fastest exact-enough dtype the hardware runs natively: bf16 or fp32."""
+    if name != "auto":
+        torch_dtype(name)  # validates
+        return name
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def meta_model(config: Any) -> nn.Module:

@@ -22,7 +22,9 @@ B is initialised to 0, A (and A_in) Kaiming-uniform as in LoRA. The statistic
 and the `mean` run on a slice (a view); the fused forward adds no operator per
 layer. The base weight keeps its original attribute name (`weight`) and the
 adapter matrices are named `zflora_*`; that prefix decides what is trainable
-and what is saved.
+and what is saved. The scale s lives in one place, the model's `ZFLoRAConfig`,
+which every projection module holds a reference to. The fused layout itself is
+written in `fusion.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import ZFLoRAConfig
+from .fusion import adapter_block, block_of, fused_bias, fused_weight
 
 ADAPTER_PREFIX = "zflora_"
 
@@ -140,18 +145,31 @@ class ZFLoRALinear(nn.Module):
                y = W n_h + s * B n_z, B: (out, r) zero-initialised.
     kind "out" (o, down): writes [y ; z'], y = W u, z' = A u (A: (r, in), Kaiming)
                or z' = 0 when the projection is not targeted.
+    `config` is the model's ZFLoRAConfig (shared, not copied): r and s come from it.
     """
 
-    def __init__(self, base: nn.Linear, kind: Literal["in", "out"], r: int, scaling: float, targeted: bool) -> None:
+    def __init__(self, base: nn.Linear, kind: Literal["in", "out"], config: ZFLoRAConfig, targeted: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.kind, self.r, self.scaling = kind, r, scaling
+        self.kind, self.config = kind, config
         self.zflora_A = self.zflora_B = None
         if targeted and kind == "in":
-            self.zflora_B = _adapter((self.out_features, r), self.weight, zero=True)
+            self.zflora_B = _adapter((self.out_features, config.r), self.weight, zero=True)
         elif targeted:
-            self.zflora_A = _adapter((r, self.in_features), self.weight, zero=False)
+            self.zflora_A = _adapter((config.r, self.in_features), self.weight, zero=False)
+
+    @property
+    def r(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @property
+    def adapter_matrix(self) -> nn.Parameter | None:
+        return self.zflora_B if self.kind == "in" else self.zflora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "in":
@@ -179,29 +197,27 @@ class FusedLinear(nn.Linear):
 
     def __init__(self, src: ZFLoRALinear) -> None:
         nn.Module.__init__(self)
-        self.kind, self.r, self.scaling = src.kind, src.r, src.scaling
+        self.kind, self.config = src.kind, src.config
         self.base_in, self.base_out = src.in_features, src.out_features
         self.zflora_A, self.zflora_B = src.zflora_A, src.zflora_B
-        w = src.weight.detach()
-        if self.kind == "in":
-            assert src.zflora_B is not None  # untargeted input projections are HiddenReadLinear
-            fused = torch.cat([w, self.scaling * src.zflora_B.detach()], dim=1)  # (out, d + r)
-            bias = src.bias
-        else:
-            a = src.zflora_A.detach() if src.zflora_A is not None else w.new_zeros(self.r, w.shape[1])
-            fused = torch.cat([w, a], dim=0)  # (d + r, in)
-            bias = None if src.bias is None else nn.Parameter(F.pad(src.bias.detach(), (0, self.r)), False)
+        fused = fused_weight(self.kind, src.weight, src.adapter_matrix, self.scaling, self.r)
         self.weight = nn.Parameter(fused, requires_grad=False)
-        self.bias = bias
+        self.bias = src.bias
+        if src.bias is not None and self.kind == "out":
+            self.bias = nn.Parameter(fused_bias(src.bias, self.r), requires_grad=False)
         self.out_features, self.in_features = fused.shape
+
+    r = ZFLoRALinear.r
+    scaling = ZFLoRALinear.scaling
+    adapter_matrix = ZFLoRALinear.adapter_matrix
 
     @torch.no_grad()
     def refresh_adapter(self) -> None:
-        """Rewrite only the adapter block of the fused weight from the stored adapter."""
-        if self.zflora_B is not None:
-            self.weight[:, self.base_in :].copy_(self.scaling * self.zflora_B)
-        elif self.zflora_A is not None:
-            self.weight[self.base_out :].copy_(self.zflora_A)
+        """Rewrite only the adapter block of the fused weight from the stored adapter matrix and scale."""
+        if self.adapter_matrix is not None:
+            block_of(self.kind, self.weight, self.r).copy_(
+                adapter_block(self.kind, self.weight, self.adapter_matrix, self.scaling, self.r)
+            )
 
     def to_unfused(self) -> ZFLoRALinear:
         w = self.weight.detach()
@@ -212,7 +228,7 @@ class FusedLinear(nn.Linear):
         if bias is not None and self.kind == "out":
             bias = nn.Parameter(bias.detach()[: self.base_out].clone(), requires_grad=False)
         base.bias = bias
-        m = ZFLoRALinear(base, self.kind, self.r, self.scaling, targeted=False)
+        m = ZFLoRALinear(base, self.kind, self.config, targeted=False)
         m.zflora_A, m.zflora_B = self.zflora_A, self.zflora_B
         return m
 

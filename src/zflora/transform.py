@@ -8,6 +8,7 @@ the attention implementations, `Trainer` and `accelerate` keep working.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import INPUT_PROJECTIONS, ZFLoRAConfig
+from .fusion import fused_gain
 from .modules import (
     ADAPTER_PREFIX,
     FusedLinear,
@@ -75,12 +77,14 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
 
     Validates the whole model before changing anything: an unsupported model is
     left untouched. Afterwards the adapter parameters (`zflora_*`) are the only
-    trainable ones.
+    trainable ones. The model gets its own copy of `config` (`model.zflora_config`),
+    shared by all its zFLoRA modules: the one place that holds r and the scale.
     """
     if not isinstance(config, ZFLoRAConfig):
         raise TypeError(f"config must be a ZFLoRAConfig, got {type(config).__name__}")
     _check_supported(model)
-    inner, r, s = model.model, config.r, config.scaling
+    config = dataclasses.replace(config)
+    inner, r = model.model, config.r
     d = inner.embed_tokens.embedding_dim
 
     def stream_norm(norm: nn.Module) -> ZFLoRARMSNorm:
@@ -101,9 +105,9 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
             if proj in INPUT_PROJECTIONS and not targeted:
                 new: nn.Module = HiddenReadLinear(base)
             else:
-                new = ZFLoRALinear(base, "in" if proj in INPUT_PROJECTIONS else "out", r, s, targeted)
+                new = ZFLoRALinear(base, "in" if proj in INPUT_PROJECTIONS else "out", config, targeted)
             swaps.append((parent, attr, new))
-    head = ZFLoRALinear(model.lm_head, "in", r, s, targeted=True) if config.lm_head else HiddenReadLinear(model.lm_head)
+    head = ZFLoRALinear(model.lm_head, "in", config, True) if config.lm_head else HiddenReadLinear(model.lm_head)
     swaps.append((model, "lm_head", head))
 
     for p in model.parameters():
@@ -151,8 +155,8 @@ def fuse(model: nn.Module) -> nn.Module:
         return model
     for name, m in _layer_modules(model):
         if isinstance(m, ZFLoRARMSNorm):
-            gain = torch.cat([m.weight.detach(), m.weight.new_ones(m.r)])  # [g ; 1], (d + r,)
-            _replace(model, name, FusedRMSNorm(nn.Parameter(gain, False), m.variance_epsilon, m.d, m.r))
+            gain = nn.Parameter(fused_gain(m.weight, m.r), requires_grad=False)  # [g ; 1], (d + r,)
+            _replace(model, name, FusedRMSNorm(gain, m.variance_epsilon, m.d, m.r))
         elif isinstance(m, ZFLoRALinear):
             _replace(model, name, FusedLinear(m))
     return model

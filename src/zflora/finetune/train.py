@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,59 +21,15 @@ import torch
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from .adapter_io import atomic_write, load_adapter, save_adapter
-from .config import alpha_for
+from ..adapter_io import load_adapter, save_adapter
+from ..files import atomic_write
+from ..methods import count_trainable_parameters, prepare_model
+from ..models import load_local_model, load_tokenizer, torch_dtype
+from ..transform import is_zflora
+from .config import TrainConfig
 from .data import Example, load_examples, tokenize
-from .methods import METHODS, count_trainable_parameters, prepare_model
-from .models import load_local_model, load_tokenizer
-from .transform import is_zflora
 
 COMPLETE = "zflora-checkpoint-complete"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass
-class TrainConfig:
-    model: Path
-    data: list[Path]
-    output: Path
-    method: str = "zflora"
-    rank: int = 16
-    alpha: float | None = None  # default 2 * rank
-    lr: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int = -1  # overrides epochs when > 0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    save_steps: int = 0  # 0: a checkpoint at the end of each epoch only; < 0: none
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    seed: int = 0
-    limit: int | None = None  # first N records of each file
-    resume: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS or self.method == "base":
-            raise ValueError(
-                f"method: unknown {self.method!r}; accepted: {', '.join(m for m in METHODS if m != 'base')}"
-            )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: {', '.join(DTYPES)}")
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "logging_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
-        if not self.data:
-            raise ValueError("data: give at least one data file")
 
 
 class StepTimer(TrainerCallback):
@@ -173,8 +129,8 @@ def train_model(
     if not tok.features:
         raise ValueError(f"no trainable record left after truncation to max_length={cfg.max_length}")
     torch.manual_seed(cfg.seed)  # adapter initialisation (A matrices) depends on it
-    model = model if model is not None else load_local_model(cfg.model, DTYPES[cfg.dtype])
-    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=alpha_for(cfg.rank, cfg.alpha))
+    model = model if model is not None else load_local_model(cfg.model, torch_dtype(cfg.dtype))
+    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=cfg.alpha)
     if cfg.gradient_checkpointing and cfg.method != "fft":
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
     timer = StepTimer()
@@ -225,3 +181,13 @@ def step_time_summary(times: list[float]) -> float:
     """Median seconds per step, skipping the first (warm-up) step when there are more."""
     body = times[1:] if len(times) > 1 else times
     return statistics.median_high(body) if body else float("nan")
+
+
+def main(cfg: TrainConfig) -> None:
+    log = run(cfg)
+    data, losses = log["data"], log["loss"]
+    step_ms, loss = 1e3 * step_time_summary(log["step_time_s"]), losses[-1]["loss"] if losses else float("nan")
+    print(f"trained {cfg.method} for {log['steps']} steps on {data['trained']} records "
+          f"({data['truncated']} truncated to {cfg.max_length} tokens, {data['dropped']} dropped); "
+          f"{log['trainable_parameters']:,} trainable parameters; {step_ms:.1f} ms/step; final loss {loss:.4f}\n"
+          f"wrote {log['output']}")  # fmt: skip

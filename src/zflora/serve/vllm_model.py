@@ -15,13 +15,12 @@ vLLM's RMSNorm already takes its statistic over the first `var_hidden_size`
 channels, fused residual add included. Once per forward the embedding output is
 expanded to [h ; A_in h] and, at the end, the LM head reads h (or, when the
 adapter adapts it, [h ; z] with [W | s B]). The fused weights are made while
-the base checkpoint streams in (`zflora.serve.fuse_checkpoint`).
+the base checkpoint streams in (`zflora.fusion.fuse_state_dict`).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,9 +34,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
 
-from .adapter_io import read_adapter_config
-from .config import ZFLoRAConfig
-from .serve import ADAPTER_FIELD, ARCHITECTURE, fuse_checkpoint, read_for_config
+from ..config import ZFLoRAConfig
+from ..fusion import fuse_state_dict
+from ..models import head_dim
+from . import ADAPTER_FIELD, ARCHITECTURE, read_for_config, read_once
 
 
 def _zflora_config(hf_config: Any) -> ZFLoRAConfig:
@@ -47,12 +47,7 @@ def _zflora_config(hf_config: Any) -> ZFLoRAConfig:
             f"{ARCHITECTURE} needs the adapter directory in the config override {ADAPTER_FIELD!r}: "
             "pass hf_overrides=zflora.serve.hf_overrides(ADAPTER, BASE) to vllm.LLM, or use `zflora serve`"
         )
-    return _read_config(str(path))
-
-
-@functools.lru_cache(maxsize=8)
-def _read_config(path: str) -> ZFLoRAConfig:  # every decoder layer asks for it while the model is built
-    return read_adapter_config(path)[0]
+    return read_once(str(path)).config  # every decoder layer asks while the model is built
 
 
 def _stream_norm(hf_config: Any, r: int) -> RMSNorm:
@@ -71,7 +66,7 @@ class ZFLoRADecoderLayer(LlamaDecoderLayer):
         base = config or vllm_config.model_config.hf_config
         r = _zflora_config(base).r
         stream = copy.deepcopy(base)
-        stream.head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+        stream.head_dim = head_dim(base)
         stream.hidden_size = base.hidden_size + r
         super().__init__(vllm_config, prefix, config=stream, attn_layer_type=attn_layer_type)
         self.input_layernorm = _stream_norm(base, r)
@@ -130,7 +125,7 @@ class ZFLoRALlamaForCausalLM(LlamaForCausalLM):
         return ZFLoRALlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        fused = fuse_checkpoint(weights, self.zflora_adapter, bool(self.config.tie_word_embeddings))
+        fused = fuse_state_dict(weights, self.zflora_adapter, bool(self.config.tie_word_embeddings))
         loaded = super().load_weights(fused)
         self.zflora_adapter = None
         return loaded

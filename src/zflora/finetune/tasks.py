@@ -45,9 +45,8 @@ def _qa(rng: random.Random) -> dict[str, Any]:
     options = rng.sample([p for p in pool if p != gold], 2) + [gold]
     rng.shuffle(options)
     question = f"What color was the {obj}?" if kind == "color" else f"Where did {name} go?"
-    # The options are the label words themselves, as BoolQ's true/false are. (Options numbered
-    # answer1..answer3 had to be mapped from position to index; no method, FFT included, got
-    # above chance on that in 150 steps of this 260K-parameter model.)
+    # The options are the label words themselves, as BoolQ's true/false are: a model this small
+    # learns to copy a word from the prompt in a few hundred steps, not to map a position to an index.
     instruction = f"{story}\n\nQuestion: {question}\n\nAnswer format: {'/'.join(options)}"
     return {"instruction": instruction, "input": "", "output": f"the correct answer is {gold}", "answer": gold}
 

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .adapter_io import CONFIG_NAME, atomic_write, read_adapter, set_adapter
+from ..adapter_io import CONFIG_NAME, read_adapter, set_adapter
+from ..files import write_json, write_text
+from ..models import load_local_model, load_tokenizer
+from ..transform import apply_zflora, fuse
+from .config import EvalConfig
 from .data import Example, load_examples
-from .models import load_local_model, load_tokenizer
 from .scoring import infer_kind, references, rouge_scores, score_response
-from .transform import apply_zflora, fuse
 
 # Tokens to generate per kind (generation stops at EOS): small vocabularies need more per word.
 MAX_NEW_TOKENS = {"label": 32, "choice": 32, "number": 96, "rouge": 64}  # stop early at EOS
@@ -149,30 +151,21 @@ def score_responses_file(path: Path) -> dict[str, dict[str, Any]]:
     return {task: score_task(recs, resps) for task, (recs, resps) in by_task.items()}
 
 
-def run(
-    model_path: Path | None,
-    data: list[Path],
-    adapter: Path | None = None,
-    responses: Path | None = None,
-    output: Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, dict[str, Any]]:
-    if responses is not None:
-        results = score_responses_file(responses)
+def run(cfg: EvalConfig, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, Any]]:
+    if cfg.responses is not None:
+        results = score_responses_file(cfg.responses)
     else:
-        if model_path is None:
-            raise ValueError("model: give --model PATH (or --responses FILE to score saved responses)")
-        tasks = {task_name(p): load_examples(p, limit) for p in data}
-        tokenizer = load_tokenizer(model_path)
-        model = load_for_eval(model_path, adapter, dtype)
-        results, saved = evaluate_tasks(model, tokenizer, tasks, batch_size, max_new_tokens, progress=True)
-        if output is not None:
-            lines = "".join(json.dumps(s) + "\n" for s in saved)
-            atomic_write(output.with_suffix(".responses.jsonl"), lambda tmp: tmp.write_text(lines))
-    if output is not None:
-        atomic_write(output, lambda tmp: tmp.write_text(json.dumps(results, indent=1) + "\n"))
-        atomic_write(output.with_suffix(".md"), lambda tmp: tmp.write_text(table(results)))
+        tasks = {task_name(p): load_examples(p, cfg.limit) for p in cfg.data}
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_for_eval(cfg.model, cfg.adapter, dtype)
+        results, saved = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size, cfg.max_new_tokens, progress=True)
+        if cfg.output is not None:
+            write_text(cfg.output.with_suffix(".responses.jsonl"), "".join(json.dumps(s) + "\n" for s in saved))
+    if cfg.output is not None:
+        write_json(cfg.output, results)
+        write_text(cfg.output.with_suffix(".md"), table(results))
     return results
+
+
+def main(cfg: EvalConfig) -> None:
+    print(table(run(cfg)))

@@ -9,39 +9,34 @@ at the base checkpoint and names the adapter in the config overrides:
     zflora serve --model BASE --adapter ADAPTER        # OpenAI-compatible server
 
 Nothing is exported or copied: the model reads the adapter directory (the same
-one `save_adapter` writes) and fuses it into the base weights as they stream in
-(`fuse_checkpoint`), so the engine holds only the fused form.
+one `save_adapter` writes) once per process and fuses it into the base weights as
+they stream in (`zflora.fusion.fuse_state_dict`), so the engine holds only the
+fused form.
 
-This module does not import vLLM, so the fusion and validation are tested
-without it; `zflora.vllm_model` does.
+This module does not import vLLM, so the validation is tested without it;
+`zflora.serve.vllm_model` does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .adapter_io import Adapter, AdapterError, read_adapter, read_adapter_config
-from .config import INPUT_PROJECTIONS
-from .models import meta_model, require_local
-from .transform import UnsupportedModelError, apply_zflora
+from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, Adapter, check_fits, read_adapter
+from ..models import meta_model, require_local
+from ..transform import UnsupportedModelError, apply_zflora
+from .config import ServeConfig
 
 ARCHITECTURE = "ZFLoRALlamaForCausalLM"
-MODEL_CLASS = "zflora.vllm_model:ZFLoRALlamaForCausalLM"
+MODEL_CLASS = "zflora.serve.vllm_model:ZFLoRALlamaForCausalLM"
 ADAPTER_FIELD = "zflora_adapter"  # the config override that names the adapter directory
 MODEL_TYPES = ("llama",)  # vLLM's LlamaForCausalLM layers; other families have their own vLLM classes
-
-_PROJECTION = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj)\.(weight|bias)")
-_NORM = re.compile(r"model\.(?:layers\.\d+\.(?:input|post_attention)_layernorm|norm)\.weight")
 
 
 def register() -> None:
@@ -52,8 +47,21 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)  # lazy: imported when a model is built
 
 
+def read_once(path: str) -> Adapter:
+    """Adapter directory `path`, read and validated once per process while its files stay the same
+    (vLLM builds the model layer by layer, and each layer needs the adapter's config)."""
+    files = [Path(path) / CONFIG_NAME, Path(path) / WEIGHTS_NAME]
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
+    return _read_cached(str(Path(path).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cached(path: str, stamp: tuple) -> Adapter:
+    return read_adapter(path)
+
+
 def read_for_config(config: Any, path: str | os.PathLike) -> Adapter:
-    """Read adapter directory `path` and check that it fits a base model of HF `config`.
+    """Adapter directory `path`, checked to fit a base model of HF `config`.
 
     The check builds the base on the meta device (no memory) and applies the
     adapter's config to it, so it is the same check `load_adapter` makes: base
@@ -64,9 +72,11 @@ def read_for_config(config: Any, path: str | os.PathLike) -> Adapter:
             f"the vLLM zFLoRA model supports model_type {', '.join(MODEL_TYPES)}; "
             f"got {getattr(config, 'model_type', None)!r}"
         )
+    adapter = read_once(str(path))
     base = meta_model(config)
-    apply_zflora(base, read_adapter_config(path)[0])
-    return read_adapter(path, model=base)
+    apply_zflora(base, adapter.config)
+    check_fits(base, adapter)
+    return adapter
 
 
 def hf_overrides(adapter: str | os.PathLike, model: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -83,49 +93,6 @@ def hf_overrides(adapter: str | os.PathLike, model: str | os.PathLike | None = N
     else:
         read_adapter(path)
     return {"architectures": [ARCHITECTURE], ADAPTER_FIELD: str(path)}
-
-
-def fuse_checkpoint(
-    weights: Iterable[tuple[str, torch.Tensor]], adapter: Adapter, tie_word_embeddings: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Turn a base checkpoint's tensors (Hugging Face names) into the fused zFLoRA form, one at a time.
-
-    q/k/v/gate/up become [W | s B] (zeros where untargeted), o/down [W ; A] (zeros
-    where untargeted; a bias gets r zeros), every RMSNorm gain [g ; 1], and, when
-    the adapter adapts the LM head, lm_head [W | s B] (made from the embedding when
-    tied). The embedding's A_in comes last as `model.zflora_A_in`. These are the
-    tensors of `zflora.fuse` applied to the Hugging Face model, with its
-    `HiddenReadLinear`s written as zero columns.
-    """
-    cfg, t = adapter.config, adapter.tensors
-    r, s = cfg.r, cfg.scaling
-
-    def read_z(w: torch.Tensor, key: str) -> torch.Tensor:  # [W | s B]
-        b = t.get(f"{key}.zflora_B")
-        extra = w.new_zeros(w.shape[0], r) if b is None else s * b.to(w.device, w.dtype)
-        return torch.cat([w, extra], dim=1)
-
-    for name, w in weights:
-        if m := _PROJECTION.fullmatch(name):
-            key, proj, kind = m.groups()
-            if proj in INPUT_PROJECTIONS:
-                w = read_z(w, key) if kind == "weight" else w
-            elif kind == "weight":
-                a = t.get(f"{key}.zflora_A")
-                w = torch.cat([w, w.new_zeros(r, w.shape[1]) if a is None else a.to(w.device, w.dtype)], dim=0)
-            else:
-                w = torch.cat([w, w.new_zeros(r)])
-        elif _NORM.fullmatch(name):
-            w = torch.cat([w, w.new_ones(r)])
-        elif name == "lm_head.weight" and cfg.lm_head:
-            if tie_word_embeddings:
-                continue  # made from the embedding below
-            w = read_z(w, "lm_head")
-        yield name, w
-        if name == "model.embed_tokens.weight" and cfg.lm_head and tie_word_embeddings:
-            yield "lm_head.weight", read_z(w, "lm_head")
-    if cfg.expand_input:
-        yield "model.zflora_A_in", t["model.embed_tokens.zflora_A_in"]
 
 
 def vllm_available() -> bool:
@@ -155,13 +122,14 @@ def serve_command(model: str, adapter: str | None, vllm_args: list[str]) -> list
     return cmd + vllm_args
 
 
-def serve(model: str, adapter: str | None, vllm_args: list[str], dry_run: bool = False) -> int:
+def main(cfg: ServeConfig) -> None:
+    """`zflora serve`: check the adapter, then run vLLM's server (its exit code is ours)."""
     try:
-        cmd = serve_command(model, adapter, vllm_args)
-    except (FileNotFoundError, AdapterError, UnsupportedModelError) as e:
-        raise SystemExit(f"zflora serve: {e}") from None
-    if dry_run:
+        cmd = serve_command(str(cfg.model), None if cfg.adapter is None else str(cfg.adapter), cfg.vllm_args)
+    except UnsupportedModelError as e:
+        raise ValueError(str(e)) from None
+    if cfg.dry_run:
         print(shlex.join(cmd))
-        return 0
+        return
     require_vllm()
-    return subprocess.call(cmd)
+    sys.exit(subprocess.call(cmd))

@@ -13,40 +13,24 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .adapter_io import atomic_write
-from .config import alpha_for
+from ..files import atomic_write
+from ..methods import count_trainable_parameters, prepare_model
+from ..models import load_local_model, load_tokenizer, meta_model
+from ..transform import fuse, is_zflora
+from .config import StudyConfig, TrainConfig
 from .data import Example, to_example
 from .evaluate import evaluate_tasks
-from .methods import count_trainable_parameters, prepare_model
-from .models import load_local_model, load_tokenizer, meta_model
 from .tasks import TASKS, make_splits
-from .train import TrainConfig, step_time_summary, train_model
-from .transform import fuse, is_zflora
+from .train import step_time_summary, train_model
 
 ADAPTERS = ("zflora", "zflora-mha", "lora", "lora-mha")
-
-
-@dataclass
-class StudyConfig:
-    model: Path = Path("../shared/models/stories260K")
-    rank: int = 8
-    seeds: int = 3
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 3e-3  # adapters
-    fft_lr: float = 1e-3
-    n_train: int = 600  # per task
-    n_test: int = 100  # per task
-    max_length: int = 320  # the longest task record is ~260 tokens
-    output: Path | None = None
-    progress: bool = True
 
 
 def matched_rank(model_path: Path, method: str, reference: str, rank: int) -> int:
@@ -56,7 +40,7 @@ def matched_rank(model_path: Path, method: str, reference: str, rank: int) -> in
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)  # read once, not per candidate rank
 
     def count(m: str, r: int) -> int:
-        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=alpha_for(r)))
+        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=None))
 
     target = count(reference, rank)
     return min(range(1, 8 * rank + 1), key=lambda k: abs(count(method, k) - target))
@@ -149,3 +133,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {method} | {shown_rank} | {params:,} | " + " | ".join(cells) + f" | {avg} | {step} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def main(cfg: StudyConfig) -> None:
+    print(markdown(run(cfg)))

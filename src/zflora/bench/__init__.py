@@ -1,0 +1,11 @@
+"""Latency benchmarks: one module per engine over a shared harness (timing, statistics, environment)
+and report (one row schema; JSON, Markdown and PNG writers).
+
+    config.py      the configs of every benchmark (light: the CLI reads them for its flags)
+    harness.py     timing, interleaving, statistics, the machine's description
+    report.py      result rows, ratios to base, writers
+    hf.py          Hugging Face transformers, end to end (`zflora bench`)
+    projection.py  one projection: LoRA's four operations vs naive fusion vs zFLoRA's one matmul
+    switch.py      adapter switching
+    vllm.py        vLLM serving (`zflora serve-bench`)
+"""

@@ -1,0 +1,126 @@
+"""Benchmark configs, validated on construction. No heavy imports: the CLI builds its flags from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import DTYPES, METHODS, check_alpha
+from ..config import positive_int as positive
+from ..presets import PRESETS
+
+# `zflora bench`: every method it can run, and the headline comparison it runs by default.
+E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha")
+HEADLINE_METHODS = ("base", "lora", "zflora")
+# `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
+SERVE_METHODS = ("base", "lora", "zflora")
+assert set(E2E_METHODS) - {"lora-merged"} <= set(METHODS)
+
+
+def check_common(cfg: Any, methods: tuple[str, ...], integers: tuple[str, ...], lists: tuple[str, ...]) -> None:
+    """Checks every benchmark config shares: positive integers (and non-empty lists of them), layers,
+    warm-up, dtype, alpha, methods (base among them) and the preset name."""
+    for name in integers:
+        positive(name, getattr(cfg, name))
+    for name in lists:
+        if not getattr(cfg, name):
+            raise ValueError(f"{name}: must not be empty")
+        for v in getattr(cfg, name):
+            positive(name, v)
+    if cfg.layers is not None:
+        positive("layers", cfg.layers)
+    if cfg.warmup < 0:
+        raise ValueError(f"warmup: must be >= 0, got {cfg.warmup}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown {cfg.dtype!r}; accepted: auto, {', '.join(DTYPES)}")
+    check_alpha(cfg.alpha, cfg.rank)
+    unknown = [m for m in cfg.methods if m not in methods]
+    if unknown or "base" not in cfg.methods:
+        raise ValueError(f"methods: must include 'base' and come from {', '.join(methods)}; got {list(cfg.methods)}")
+    if cfg.model is None and cfg.preset not in PRESETS:
+        raise ValueError(f"preset: unknown {cfg.preset!r}; accepted: {', '.join(PRESETS)}")
+
+
+@dataclass
+class BenchConfig:
+    """`zflora bench`: base vs LoRA vs zFLoRA latency in Hugging Face transformers."""
+
+    preset: str = field(default="llama-3.2-1b", metadata={"help": "real model shape, random weights",
+                                                          "choices": tuple(PRESETS)})  # fmt: skip
+    model: Path | None = field(default=None, metadata={"help": "a local checkpoint instead of a preset"})
+    layers: int | None = field(default=None, metadata={"help": "cut the depth to N layers (recorded)"})
+    rank: int = 64
+    alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 where the hardware runs it natively, else fp32",
+                                                 "choices": ("auto", *DTYPES)})  # fmt: skip
+    batch: int = 1
+    prompt_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "prefill lengths"})
+    decode_context: int = field(default=512, metadata={"help": "KV-cache length for the decode steps"})
+    decode_steps: int = field(default=8, metadata={"help": "timed decode steps per repetition and method"})
+    repeats: int = 3
+    warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
+    full: bool = field(default=False, metadata={"help": "the full study: every method, the one-projection "
+                                                        "sweep, 5 repetitions after 2 warm-up"})  # fmt: skip
+    methods: tuple[str, ...] = field(default=(), metadata={"help": f"default {','.join(HEADLINE_METHODS)} "
+                                                                   f"(--full: {','.join(E2E_METHODS)})"})  # fmt: skip
+    proj_tokens: tuple[int, ...] = (1, 16, 128, 512, 2048)
+    proj_ranks: tuple[int, ...] = (8, 16, 32, 64, 128)
+    proj_repeats: int = 5
+    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
+    seed: int = 0
+    json_path: Path | None = field(default=None, metadata={"flag": "json", "help": "every raw sample, the machine"})
+    chart_path: Path | None = field(default=None, metadata={"flag": "chart", "help": "a PNG chart"})
+    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown", "help": "the tables"})
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.full:
+            self.methods = self.methods or E2E_METHODS
+            self.repeats, self.warmup = max(self.repeats, 5), max(self.warmup, 2)
+        self.methods = tuple(self.methods) or HEADLINE_METHODS
+        check_common(
+            self, E2E_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"),
+            ("prompt_lens", "proj_tokens", "proj_ranks"),
+        )  # fmt: skip
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.threads is not None:
+            positive("threads", self.threads)
+
+
+@dataclass
+class ServeBenchConfig:
+    """`zflora serve-bench`: base vs vLLM LoRA vs the zFLoRA plugin, in one vLLM build."""
+
+    preset: str = field(default="llama-3.2-1b", metadata={"help": "real model shape, random weights",
+                                                          "choices": tuple(PRESETS)})  # fmt: skip
+    model: Path | None = field(default=None, metadata={"help": "a local checkpoint instead of a preset"})
+    layers: int | None = field(default=None, metadata={"help": "cut the depth to N layers (recorded)"})
+    rank: int = 64
+    alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
+    targets: str = field(default="all", metadata={"help": "projections, the same for LoRA and zFLoRA",
+                                                  "choices": ("all", "mha")})  # fmt: skip
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 where the hardware runs it natively, else fp32",
+                                                 "choices": ("auto", *DTYPES)})  # fmt: skip
+    prompt_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "time-to-first-token prompt lengths"})
+    decode_tokens: int = field(default=16, metadata={"help": "timed decode tokens per request"})
+    batch_sizes: tuple[int, ...] = field(default=(1, 4), metadata={"help": "throughput batch sizes"})
+    batch_tokens: int = field(default=8, metadata={"help": "new tokens per request in batches"})
+    repeats: int = 5
+    warmup: int = field(default=1, metadata={"help": "untimed rounds first"})
+    methods: tuple[str, ...] = SERVE_METHODS
+    enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile / CUDA graphs (all methods)"})
+    workdir: Path | None = field(default=None, metadata={"help": "where to write the checkpoint and adapters"})
+    seed: int = 0
+    json_path: Path | None = field(default=None, metadata={"flag": "json"})
+    chart_path: Path | None = field(default=None, metadata={"flag": "chart"})
+    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown"})
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_common(self, SERVE_METHODS, ("rank", "decode_tokens", "batch_tokens", "repeats"),
+                     ("prompt_lens", "batch_sizes"))  # fmt: skip
+        if self.targets not in ("all", "mha"):
+            raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")

@@ -1,0 +1,270 @@
+"""`zflora bench`: base vs LoRA vs zFLoRA end to end in Hugging Face transformers, on this machine.
+
+Prefill is the time to first token (a fresh KV cache, logits of the last position
+only); decode is one token with the KV cache holding `decode_context` tokens. By
+default the headline comparison (base, PEFT LoRA unmerged, fused zFLoRA) in the
+dtype the hardware runs natively; `--full` adds every method, the one-projection
+study (`projection.py`) and more repetitions. Adapter switching (`switch.py`) is
+timed for the methods present. Methods are interleaved in rotating order within
+every repetition when they fit in memory together, else measured one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..adapter_io import set_adapter
+from ..config import check_alpha
+from ..methods import prepare_model, random_adapter, randomize_lora
+from ..models import auto_dtype, load_local_model, preset_config, random_model, torch_dtype
+from ..transform import adapter_parameters, fuse
+from . import projection, switch
+from .config import BenchConfig
+from .harness import Timer, available_bytes, describe_machine, environment, model_bytes, pick_device, rotated
+from .report import Key, bar_chart, figure, md_table, rows, save_figure, target, targets_table, write_outputs
+
+
+def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool) -> nn.Module:
+    """Derive `method`'s model from `base`: PEFT LoRA (random non-zero B), merged, or fused zFLoRA.
+
+    With `keep_base` the base stays intact: unmerged LoRA shares its weights (PEFT leaves
+    them unchanged), the others get their own copy. Without it, `base` itself is changed.
+    """
+    if method == "base":
+        return _inference_state(base)
+    model = base
+    if keep_base:
+        shared = method in ("lora", "lora-mha")
+        memo = {id(t): t for t in [*base.parameters(), *base.buffers()]} if shared else {}
+        model = copy.deepcopy(base, memo)
+    if method.startswith("lora"):
+        model = prepare_model(model, "lora-mha" if method == "lora-mha" else "lora", r=cfg.rank, alpha=cfg.alpha)
+        randomize_lora(model, cfg.seed + 1)
+        if method == "lora-merged":
+            model.merge_adapter()
+    else:
+        prepare_model(model, method, r=cfg.rank, alpha=cfg.alpha)
+        set_adapter(model, random_adapter(model, cfg.seed + 1))
+        fuse(model)
+    return _inference_state(model)
+
+
+def _inference_state(model: nn.Module) -> nn.Module:
+    """Every method measured alike: eval mode, parameters as `from_pretrained` leaves them.
+
+    Under `torch.no_grad` the requires_grad flag changes no arithmetic, but PyTorch's
+    matmul uses it to pick a path: a *frozen* LM head fed HF's last-position slice
+    (`logits_to_keep=1`) makes it copy the whole head weight (about 3 s of a 1B prefill
+    on a CPU). PEFT freezes the base, so leaving flags as each method sets them would
+    charge LoRA for that artifact. zFLoRA's own modules avoid it either way.
+    """
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()
+
+
+class Runner:
+    """Prefill and decode of one model, with its own KV cache at the decode context."""
+
+    def __init__(self, model: nn.Module, cfg: BenchConfig, device: torch.device) -> None:
+        self.model, self.cfg = model, cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        longest = max(*cfg.prompt_lens, cfg.decode_context)
+        self.ids = torch.randint(3, model.config.vocab_size, (cfg.batch, longest), generator=g).to(device)
+        self.cache = self.new_cache()
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: Any) -> None:
+        # `past_key_values` is the name every transformers version we pin takes; another name
+        # would be swallowed by **kwargs and decode would run without its context.
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def prefill(self, length: int) -> None:
+        self.forward(self.ids[:, :length], self.new_cache())
+
+    def fill_context(self) -> None:
+        self.cache = self.new_cache()
+        self.forward(self.ids[:, : self.cfg.decode_context], self.cache)
+
+    def decode_step(self) -> None:
+        self.forward(self.ids[:, :1], self.cache)
+
+    def rewind(self) -> None:
+        extra = self.cache.get_seq_length() - self.cfg.decode_context
+        if extra > 0:
+            self.cache.crop(-extra)  # drop the tokens the last decode steps appended
+
+
+def empty_samples(cfg: BenchConfig) -> dict[Key, list[float]]:
+    keys = [("prefill", n, cfg.batch) for n in cfg.prompt_lens] + [("decode", cfg.decode_context, cfg.batch)]
+    return {k: [] for k in keys}
+
+
+def measure_round(runner: Runner, timer: Timer, cfg: BenchConfig, out: dict[Key, list[float]]) -> None:
+    """One repetition of one method: each prompt length once, then `decode_steps` decode steps."""
+    for n in cfg.prompt_lens:
+        out["prefill", n, cfg.batch].append(timer(lambda n=n: runner.prefill(n)))
+    runner.rewind()
+    for _ in range(cfg.decode_steps):
+        out["decode", cfg.decode_context, cfg.batch].append(timer(runner.decode_step))
+
+
+def describe(method: str, model: nn.Module) -> dict[str, Any]:
+    # What the method trains (flags were reset for timing, see _inference_state).
+    if method.startswith("zflora"):
+        trainable = sum(p.numel() for p in adapter_parameters(model).values())
+    else:
+        trainable = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n and ".other." not in n)
+    return {"weights_mb": model_bytes(model) / 2**20, "trainable_parameters": trainable}
+
+
+class Study:
+    """One end-to-end run: its models, samples, memory figures and switch rows."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, bar: tqdm) -> None:
+        self.cfg, self.device, self.dtype, self.bar = cfg, device, dtype, bar
+        self.timer = Timer(device)
+        self.samples = {m: empty_samples(cfg) for m in cfg.methods}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.switch: list[dict] = []
+
+    def make_base(self) -> nn.Module:
+        cfg = self.cfg
+        if cfg.model is None:
+            return random_model(preset_config(cfg.preset, cfg.layers), self.dtype, self.device, cfg.seed)
+        model = load_local_model(cfg.model, self.dtype).to(self.device)
+        if cfg.layers is not None:
+            del model.model.layers[cfg.layers :]
+            model.config.num_hidden_layers = len(model.model.layers)
+        return model
+
+    def fits_together(self, base: nn.Module) -> bool:
+        own_copies = sum(m in ("lora-merged", "zflora", "zflora-mha") for m in self.cfg.methods)
+        return model_bytes(base) * (1 + own_copies) < 0.7 * available_bytes(self.device)
+
+    def measure(self, method: str, runner: Runner, keep: bool) -> None:
+        measure_round(runner, self.timer, self.cfg, self.samples[method] if keep else empty_samples(self.cfg))
+        self.bar.update(1)
+
+    def interleaved(self, base: nn.Module) -> None:
+        """Every model alive at once; each repetition visits every method in rotating order."""
+        cfg = self.cfg
+        models = {m: build_method(base, m, cfg, keep_base=True) for m in cfg.methods}
+        runners = {m: Runner(models[m], cfg, self.device) for m in cfg.methods}
+        for m in cfg.methods:
+            self.info[m] = describe(m, models[m])
+            runners[m].fill_context()
+        for rep in range(cfg.warmup + cfg.repeats):
+            for m in rotated(list(cfg.methods), rep):
+                self.measure(m, runners[m], keep=rep >= cfg.warmup)
+        self.switch = switch.switch_study(models, cfg.seed, self.timer)
+
+    def one_at_a_time(self, base: nn.Module | None) -> None:
+        """Models too big to live together: build, measure and free each method in turn."""
+        cfg = self.cfg
+        for m in cfg.methods:
+            model = build_method(base if base is not None else self.make_base(), m, cfg, keep_base=False)
+            base = None
+            self.info[m] = describe(m, model)
+            runner = Runner(model, cfg, self.device)
+            runner.fill_context()
+            for rep in range(cfg.warmup + cfg.repeats):
+                self.measure(m, runner, keep=rep >= cfg.warmup)
+            if m in ("zflora", "lora", "lora-merged"):
+                self.switch += switch.switch_study({m: model}, cfg.seed, self.timer)
+            del model, runner
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    device = pick_device(cfg.device, cfg.threads)
+    dtype_name = auto_dtype(cfg.dtype, device)
+    bar = tqdm(total=(cfg.warmup + cfg.repeats) * len(cfg.methods), disable=not cfg.progress,
+               desc="zflora bench (end to end)", unit="round")  # fmt: skip
+    study = Study(cfg, device, torch_dtype(dtype_name), bar)
+    base = study.make_base()
+    config, together = base.config, study.fits_together(base)
+    settings = asdict(cfg) | {"dtype": dtype_name, "dtype_requested": cfg.dtype, "interleaved_methods": together,
+                              "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                              "alpha": check_alpha(cfg.alpha, cfg.rank), "grad_mode": "no_grad"}  # fmt: skip
+    result: dict[str, Any] = {"environment": environment(device, dtype_name), "settings": settings}
+    result["projection"] = _projection(cfg, config, study) if cfg.full else []
+    study.interleaved(base) if together else study.one_at_a_time(base)
+    del base
+    bar.close()
+    result |= {"end_to_end": rows(study.samples), "memory": study.info, "switch": switch.with_ratios(study.switch)}
+    result["targets"] = check_targets(result, cfg.rank, config.hidden_size)
+    return result
+
+
+def _projection(cfg: BenchConfig, config: Any, study: Study) -> list[dict]:
+    n = len(projection.projection_shapes(config)) * len(cfg.proj_tokens) * cfg.proj_repeats
+    with tqdm(total=n, disable=not cfg.progress, desc="zflora bench (one projection)", unit="round") as bar:
+        return projection.projection_study(cfg, config, study.dtype, study.device, study.timer, lambda: bar.update(1))
+
+
+def check_targets(result: dict[str, Any], rank: int, d: int) -> list[dict[str, Any]]:
+    """Targets evaluated on this run's numbers (reported, never asserted): zFLoRA within r/d + 1 point."""
+    bound = 1 + rank / d + 0.01
+    out = [target(f"zflora {r['phase']} {r['tokens']} / base (1 + r/d + 0.01)", r["ratio_to_base"], bound)
+           for r in result["end_to_end"] if r["method"] == "zflora"]  # fmt: skip
+    return out + projection.check_target(result["projection"]) + switch.check_target(result["switch"])
+
+
+def _label(r: dict) -> str:
+    return f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @{r['tokens']}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, st = result["environment"], result["settings"]
+    layout = "" if st["interleaved_methods"] else " (methods measured one at a time: too big to fit together)"
+    lines = [f"**{st['model'] or st['preset']}** shape, {st['layers']} layers, d = {st['hidden_size']}, "
+             f"r = {st['rank']}, batch {st['batch']}; {describe_machine(env)}, peft {env['peft']}; "
+             f"median of {st['repeats']} repetitions after {st['warmup']} warm-up{layout}", ""]  # fmt: skip
+    e2e = result["end_to_end"]
+    keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in e2e))
+    labels = [_label({"phase": p, "tokens": t}) for p, t in keys]
+    head = ["method", *(f"{x} (x base)" for x in labels), *(f"{x} ms" for x in labels), "trainable params",
+            "weights MB"]  # fmt: skip
+    body = []
+    for m in dict.fromkeys(r["method"] for r in e2e):
+        by = {(r["phase"], r["tokens"]): r for r in e2e if r["method"] == m}
+        mem = result["memory"][m]
+        body.append([m, *(f"{by[k]['ratio_to_base']:.3f}" for k in keys),
+                     *(f"{by[k]['median_ms']:.1f} ({by[k]['p25_ms']:.1f}-{by[k]['p75_ms']:.1f})" for k in keys),
+                     f"{mem['trainable_parameters']:,}", f"{mem['weights_mb']:.1f}"])  # fmt: skip
+    lines += md_table(head, body) + switch.markdown(result["switch"])
+    if result["projection"]:
+        lines += projection.markdown(result["projection"])
+    return "\n".join(lines + targets_table(result["targets"])) + "\n"
+
+
+def chart(result: dict[str, Any], path: Any) -> None:
+    proj = result["projection"]
+    fig, axes = figure(2 if proj else 1, 13 if proj else 7)
+    bar_chart(axes[0], result["end_to_end"], _label)
+    st = result["settings"]
+    name = st["model"] or st["preset"]
+    axes[0].set_title(f"End to end, {name} ({st['layers']} layers), r={st['rank']}, {st['dtype']}")
+    if proj:
+        projection.plot(axes[1], proj)
+    fig.suptitle(describe_machine(result["environment"]), fontsize=8)
+    save_figure(fig, path)
+
+
+def main(cfg: BenchConfig) -> None:
+    print(write_outputs(run(cfg), cfg, markdown, chart))

@@ -1,0 +1,120 @@
+"""Configs of the fine-tuning jobs (train, eval, study), validated on construction.
+
+No heavy imports: the command line builds its flags from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import METHODS, check_alpha, positive_finite, positive_int
+
+TRAIN_METHODS = tuple(m for m in METHODS if m != "base")
+DEFAULT_MODEL = Path("../shared/models/stories260K")
+
+
+def positive_ints(cfg: Any, *names: str) -> None:
+    for name in names:
+        positive_int(name, getattr(cfg, name))
+
+
+def finite_positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        positive_finite(name, getattr(cfg, name))
+
+
+@dataclass
+class TrainConfig:
+    """`zflora train`: fine-tune with one method on Hugging Face `Trainer`."""
+
+    model: Path = field(metadata={"help": "local Hugging Face checkpoint directory"})
+    data: list[Path] = field(metadata={"help": "LLM-Adapters .json / DialogSum .jsonl files"})
+    output: Path = field(metadata={"help": "run directory (checkpoints, final/, train_log.json)"})
+    method: str = field(default="zflora", metadata={"choices": TRAIN_METHODS})
+    rank: int = 16
+    alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "overrides --epochs when > 0"})
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = field(default=512, metadata={"help": "tokens; longer records are truncated (and counted)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "learning-rate warm-up, a fraction of the steps"})
+    weight_decay: float = 0.0
+    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "bf16"),
+                                                 "help": "bf16 only where the hardware runs it natively"})  # fmt: skip
+    gradient_checkpointing: bool = False
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: each epoch; < 0: none)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    logging_steps: int = 10
+    seed: int = 0
+    limit: int | None = field(default=None, metadata={"help": "use the first N records of each file"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "JSON object of TrainingArguments"})
+
+    def __post_init__(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise ValueError(f"method: unknown {self.method!r}; accepted: {', '.join(TRAIN_METHODS)}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: fp32, bf16")
+        positive_ints(self, "rank", "batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
+        self.alpha = check_alpha(self.alpha, self.rank)
+        finite_positive(self, "lr", "epochs")
+        for name in ("warmup_ratio", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name}: must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.limit is not None:
+            positive_ints(self, "limit")
+        if not self.data:
+            raise ValueError("data: give at least one data file")
+
+
+@dataclass
+class EvalConfig:
+    """`zflora eval`: generate and score on task files, or score saved responses."""
+
+    model: Path | None = field(default=None, metadata={"help": "local checkpoint directory (base, or fft output)"})
+    adapter: Path | None = field(default=None, metadata={"help": "a zFLoRA or PEFT LoRA adapter directory"})
+    data: list[Path] = field(default_factory=list, metadata={"help": "task files; each task named after its file"})
+    responses: Path | None = field(default=None, metadata={"help": "score this responses JSONL; no model needed"})
+    output: Path | None = field(default=None, metadata={"help": "results JSON (+ .md table, + .responses.jsonl)"})
+    limit: int | None = field(default=None, metadata={"help": "first N records of each task"})
+    batch_size: int = 16
+    max_new_tokens: int | None = field(default=None, metadata={"help": "default by kind: 32 label, 96 number, "
+                                                                       "64 summary"})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if self.responses is None and not self.data:
+            raise ValueError("data: give one or more --data files (or --responses FILE)")
+        if self.responses is None and self.model is None:
+            raise ValueError("model: give --model PATH (or --responses FILE to score saved responses)")
+        positive_ints(self, "batch_size")
+        for name in ("limit", "max_new_tokens"):
+            if getattr(self, name) is not None:
+                positive_ints(self, name)
+
+
+@dataclass
+class StudyConfig:
+    """`zflora study`: the miniature accuracy study on stories260K (all methods, several seeds)."""
+
+    model: Path = field(default=DEFAULT_MODEL, metadata={"help": "local checkpoint directory"})
+    rank: int = 8
+    seeds: int = 3
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = field(default=3e-3, metadata={"help": "learning rate of the adapters"})
+    fft_lr: float = 1e-3
+    n_train: int = field(default=600, metadata={"help": "training records per task"})
+    n_test: int = field(default=100, metadata={"help": "test records per task"})
+    max_length: int = 320  # the longest task record is ~260 tokens
+    output: Path | None = field(default=None, metadata={"help": "write study.json and study.md here"})
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive_ints(self, "rank", "seeds", "steps", "batch_size", "n_train", "n_test", "max_length")
+        finite_positive(self, "lr", "fft_lr")

@@ -1,0 +1,98 @@
+"""The fused layout of zFLoRA, written once: base tensors plus an adapter give the fused tensors.
+
+    input projection (q, k, v, gate, up; the LM head with lm_head)   [W | s B]   (out, d + r)
+    output projection (o, down)                                       [W ; A]     (d + r, in)
+    an output projection's bias                                       [b ; 0]     (d + r,)
+    RMSNorm gain                                                      [g ; 1]     (d + r,)
+
+A projection the adapter does not target gets zeros in its block: it reads n_h only
+or writes nothing to z. Every engine builds its fused weights here: `zflora.fuse`
+(the module route), the fused hot-swap (which rewrites only the adapter block, in
+place) and the vLLM loader (`fuse_state_dict`, as the base checkpoint streams in).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from .config import INPUT_PROJECTIONS
+
+if TYPE_CHECKING:
+    from .adapter_io import Adapter
+
+Kind = Literal["in", "out"]
+
+_PROJECTION = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj)\.(weight|bias)")
+_NORM = re.compile(r"model\.(?:layers\.\d+\.(?:input|post_attention)_layernorm|norm)\.weight")
+
+
+def adapter_block(
+    kind: Kind, weight: torch.Tensor, matrix: torch.Tensor | None, scaling: float, r: int
+) -> torch.Tensor:
+    """The adapter's part of a fused weight, in `weight`'s dtype and device.
+
+    kind "in": s B, the r extra columns, (out, r). kind "out": A, the r extra rows, (r, in).
+    `matrix` is B or A as trained (B unscaled); None (an untargeted projection) gives zeros.
+    """
+    if matrix is None:
+        return weight.new_zeros(weight.shape[0], r) if kind == "in" else weight.new_zeros(r, weight.shape[1])
+    m = matrix.detach().to(weight.device, weight.dtype)
+    return scaling * m if kind == "in" else m
+
+
+def fused_weight(kind: Kind, weight: torch.Tensor, matrix: torch.Tensor | None, scaling: float, r: int) -> torch.Tensor:
+    """[W | s B] for kind "in", [W ; A] for kind "out"."""
+    w = weight.detach()
+    return torch.cat([w, adapter_block(kind, w, matrix, scaling, r)], dim=1 if kind == "in" else 0)
+
+
+def block_of(kind: Kind, fused: torch.Tensor, r: int) -> torch.Tensor:
+    """A view of the adapter block inside a fused weight: what a hot-swap rewrites, and nothing else."""
+    return fused[:, -r:] if kind == "in" else fused[-r:]
+
+
+def fused_bias(bias: torch.Tensor, r: int) -> torch.Tensor:
+    """An output projection's bias on the d + r stream: [b ; 0]."""
+    return torch.cat([bias.detach(), bias.new_zeros(r)])
+
+
+def fused_gain(gain: torch.Tensor, r: int) -> torch.Tensor:
+    """An RMSNorm gain on the d + r stream: [g ; 1] (the z channels are normalised, not scaled)."""
+    return torch.cat([gain.detach(), gain.new_ones(r)])
+
+
+def fuse_state_dict(
+    weights: Iterable[tuple[str, torch.Tensor]], adapter: Adapter, tie_word_embeddings: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A base checkpoint's tensors (Hugging Face names) in the fused form, one at a time, as they stream in.
+
+    Projections and norms as in the table above; the LM head [W | s B] when the adapter
+    adapts it (made from the embedding when tied); the embedding's A_in comes last as
+    `model.zflora_A_in`. The tensors equal those of `zflora.fuse` on the Hugging Face
+    model, where an untargeted input projection reads a view of n_h instead of zero columns.
+    """
+    cfg, t = adapter.config, adapter.tensors
+    r, s = cfg.r, cfg.scaling
+    for name, w in weights:
+        if m := _PROJECTION.fullmatch(name):
+            key, proj, part = m.groups()
+            kind: Kind = "in" if proj in INPUT_PROJECTIONS else "out"
+            if part == "weight":
+                w = fused_weight(kind, w, t.get(f"{key}.zflora_{'B' if kind == 'in' else 'A'}"), s, r)
+            elif kind == "out":
+                w = fused_bias(w, r)
+        elif _NORM.fullmatch(name):
+            w = fused_gain(w, r)
+        elif name == "lm_head.weight" and cfg.lm_head:
+            if tie_word_embeddings:
+                continue  # made from the embedding below
+            w = fused_weight("in", w, t.get("lm_head.zflora_B"), s, r)
+        yield name, w
+        if name == "model.embed_tokens.weight" and cfg.lm_head and tie_word_embeddings:
+            yield "lm_head.weight", fused_weight("in", w, t.get("lm_head.zflora_B"), s, r)
+    if cfg.expand_input:
+        yield "model.zflora_A_in", t["model.embed_tokens.zflora_A_in"]
