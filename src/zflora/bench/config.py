@@ -43,8 +43,8 @@ def check_common(cfg: Any, methods: tuple[str, ...], integers: tuple[str, ...], 
 
 
 @dataclass
-class BenchConfig:
-    """`zflora bench`: base vs LoRA vs zFLoRA latency in Hugging Face transformers."""
+class ModelShape:
+    """The model every benchmark measures: a preset shape with random weights, or a local checkpoint."""
 
     preset: str = field(default="llama-3.2-1b", metadata={"help": "real model shape, random weights",
                                                           "choices": tuple(PRESETS)})  # fmt: skip
@@ -54,6 +54,12 @@ class BenchConfig:
     alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 where the hardware runs it natively, else fp32",
                                                  "choices": ("auto", *DTYPES)})  # fmt: skip
+
+
+@dataclass
+class BenchConfig(ModelShape):
+    """`zflora bench`: base vs LoRA vs zFLoRA latency in Hugging Face transformers."""
+
     batch: int = 1
     prompt_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "prefill lengths"})
     decode_context: int = field(default=512, metadata={"help": "KV-cache length for the decode steps"})
@@ -91,19 +97,11 @@ class BenchConfig:
 
 
 @dataclass
-class ServeBenchConfig:
+class ServeBenchConfig(ModelShape):
     """`zflora serve-bench`: base vs vLLM LoRA vs the zFLoRA plugin, in one vLLM build."""
 
-    preset: str = field(default="llama-3.2-1b", metadata={"help": "real model shape, random weights",
-                                                          "choices": tuple(PRESETS)})  # fmt: skip
-    model: Path | None = field(default=None, metadata={"help": "a local checkpoint instead of a preset"})
-    layers: int | None = field(default=None, metadata={"help": "cut the depth to N layers (recorded)"})
-    rank: int = 64
-    alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
     targets: str = field(default="all", metadata={"help": "projections, the same for LoRA and zFLoRA",
                                                   "choices": ("all", "mha")})  # fmt: skip
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 where the hardware runs it natively, else fp32",
-                                                 "choices": ("auto", *DTYPES)})  # fmt: skip
     prompt_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "time-to-first-token prompt lengths"})
     decode_tokens: int = field(default=16, metadata={"help": "timed decode tokens per request"})
     batch_sizes: tuple[int, ...] = field(default=(1, 4), metadata={"help": "throughput batch sizes"})
