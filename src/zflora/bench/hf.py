@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 from dataclasses import asdict
 from typing import Any
 
@@ -70,11 +71,20 @@ def _inference_state(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier). A name the model does not know is swallowed by its **kwargs, and
+    decode would silently run without its context."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 class Runner:
     """Prefill and decode of one model, with its own KV cache at the decode context."""
 
     def __init__(self, model: nn.Module, cfg: BenchConfig, device: torch.device) -> None:
         self.model, self.cfg = model, cfg
+        self.cache_kwarg = cache_kwarg(model)
         g = torch.Generator().manual_seed(cfg.seed)
         longest = max(*cfg.prompt_lens, cfg.decode_context)
         self.ids = torch.randint(3, model.config.vocab_size, (cfg.batch, longest), generator=g).to(device)
@@ -87,9 +97,7 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: Any) -> None:
-        # `past_key_values` is the name every transformers version we pin takes; another name
-        # would be swallowed by **kwargs and decode would run without its context.
-        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
 
     def prefill(self, length: int) -> None:
         self.forward(self.ids[:, :length], self.new_cache())
