@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from zflora import score_response
 from zflora.cli import main
 from zflora.finetune.config import TrainConfig
 from zflora.finetune.tasks import make_task
@@ -78,9 +79,11 @@ def test_train_cli_then_eval_cli(stories_path, task_file, tmp_path, capsys):
     main(["eval", "--model", str(stories_path), "--adapter", str(out / "final"), "--data", str(task_file),
           "--limit", "6", "--output", str(results), "--max-new-tokens", "8"])  # fmt: skip
     scored = json.loads(results.read_text())["math"]
-    assert scored["n"] == 6 and scored["kind"] == "number" and 0 <= scored["score"] <= 100
+    assert scored["n"] == 6 and scored["kind"] == "number"
     responses = results.with_suffix(".responses.jsonl")
-    assert len(responses.read_text().splitlines()) == 6
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert len(rows) == 6  # the score is the mean of the saved responses' scores, each scored independently here
+    assert scored["score"] == pytest.approx(100 * sum(score_response(r["record"], r["response"]) for r in rows) / 6)
     again = tmp_path / "again.json"
     main(["eval", "--responses", str(responses), "--output", str(again)])
     assert json.loads(again.read_text())["math"]["score"] == scored["score"]

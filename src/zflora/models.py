@@ -41,34 +41,6 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether `device` runs bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with
-    AVX-512 BF16 or AMX. Elsewhere (AVX2 only) PyTorch emulates bf16, about 60x slower than fp32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def auto_dtype(name: str, device: torch.device | str = "cpu") -> str:
-    """`name`, or for "auto" the fastest exact-enough dtype the hardware runs natively: bf16 or fp32."""
-    if name != "auto":
-        torch_dtype(name)  # validates
-        return name
-    return "bf16" if native_bf16(device) else "fp32"
-
-
 def meta_model(config: Any) -> nn.Module:
     """A causal LM of `config`'s architecture with no storage, for counting parameters instantly."""
     with torch.device("meta"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -14,11 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from ..models import cpu_flags, native_bf16
-
-# CPU features that decide which dtype runs fast (bf16 is emulated, ~60x slower than fp32, without them).
-CAPABILITY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 class Timer:
@@ -97,45 +91,3 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return 8 << 30
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def environment(device: torch.device, dtype: str) -> dict[str, Any]:
-    """The machine and library versions, recorded beside every figure; the CPU's dtype capability too."""
-    import peft
-    import transformers
-
-    flags = cpu_flags()
-    return {
-        "device": device.type,
-        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu_capability": [f for f in CAPABILITY_FLAGS if f in flags],
-        "native_bf16": native_bf16(device),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "dtype": dtype,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-
-
-def describe_machine(env: dict[str, Any]) -> str:
-    """One line naming the hardware, its dtype capability, threads and versions, for every report."""
-    caps = ", ".join(env.get("cpu_capability") or []) or "no AVX2"
-    native = "native bf16" if env.get("native_bf16") else "no native bf16"
-    where = env["hardware"] if env["device"] == "cuda" else f"{env['hardware']} ({caps}; {native})"
-    versions = f"torch {env['torch']}, transformers {env['transformers']}"
-    return f"{where}, {env['threads']} threads, {env['dtype']}; {versions}"

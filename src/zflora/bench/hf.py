@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from ..adapter_io import set_adapter
 from ..config import check_alpha
+from ..hardware import auto_dtype, describe_machine, environment
 from ..methods import prepare_model, random_adapter, randomize_lora
-from ..models import auto_dtype, load_local_model, preset_config, random_model, torch_dtype
+from ..models import load_local_model, preset_config, random_model, torch_dtype
 from ..transform import adapter_parameters, fuse
 from . import projection, switch
 from .config import BenchConfig
-from .harness import Timer, available_bytes, describe_machine, environment, model_bytes, pick_device, rotated
+from .harness import Timer, available_bytes, model_bytes, pick_device, rotated
 from .report import Key, bar_chart, figure, md_table, rows, save_figure, target, targets_table, write_outputs
 
 

@@ -34,12 +34,13 @@ from tqdm import tqdm
 
 from ..adapter_io import save_adapter, set_adapter
 from ..config import ZFLoRAConfig, check_alpha
+from ..hardware import auto_dtype, describe_machine, environment
 from ..methods import lora_config, random_adapter, randomize_lora
-from ..models import auto_dtype, load_local_model, preset_config, random_model, require_local, torch_dtype
+from ..models import load_local_model, preset_config, random_model, require_local, torch_dtype
 from ..serve import hf_overrides, require_vllm
 from ..transform import apply_zflora
 from .config import ServeBenchConfig
-from .harness import available_bytes, describe_machine, environment, rotated
+from .harness import available_bytes, rotated
 from .report import Key, bar_chart, figure, md_table, rows, save_figure, target, targets_table, write_outputs
 
 DECODE_PROMPT = 128

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..files import atomic_write
+from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
 from ..models import load_local_model, load_tokenizer, meta_model
 from ..transform import fuse, is_zflora
@@ -89,6 +90,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
         "runs": runs,
         "wall_s": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
+        "environment": environment(torch.device("cpu"), "fp32"),
     }
     if cfg.output:
         atomic_write(cfg.output / "study.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))

@@ -23,6 +23,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..adapter_io import load_adapter, save_adapter
 from ..files import atomic_write
+from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
 from ..models import load_local_model, load_tokenizer, torch_dtype
 from ..transform import is_zflora
@@ -144,6 +145,7 @@ def train_model(
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     log = {
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "environment": environment(next(model.parameters()).device, cfg.dtype),
         "data": {"records": len(examples), "trained": len(tok.features), "truncated": tok.truncated,
                  "dropped": tok.dropped},
         "trainable_parameters": count_trainable_parameters(model),
