@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import assert_same_state, randomize_adapter, state, tiny_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -138,16 +139,20 @@ def test_missing_or_extra_tensors_change_nothing(tmp_path):
     model = _adapted(seed=2)
     file = tmp_path / "a" / WEIGHTS_NAME
     tensors = load_file(file)
+    with safe_open(file, framework="pt") as f:
+        header = f.metadata()  # kept, so that only the tensors are wrong
     dropped = dict(tensors)
     dropped.pop("model.layers.1.mlp.up_proj.zflora_B")
-    save_file(dropped, file)
+    save_file(dropped, file, metadata=header)
     _check_rejected(tmp_path, model, zflora.AdapterError, "missing 1: model.layers.1.mlp.up_proj.zflora_B")
-    save_file({**tensors, "model.layers.9.extra": torch.zeros(2)}, file)
+    save_file({**tensors, "model.layers.9.extra": torch.zeros(2)}, file, metadata=header)
     _check_rejected(tmp_path, model, zflora.AdapterError, "unexpected 1: model.layers.9.extra")
     name = "model.layers.0.self_attn.q_proj.zflora_B"
     bad = {**tensors, name: torch.full_like(tensors[name], float("nan"))}
-    save_file(bad, file)
+    save_file(bad, file, metadata=header)
     _check_rejected(tmp_path, model, zflora.AdapterError, "q_proj.zflora_B holds non-finite")
+    save_file(tensors, file)  # the right tensors, but not from the save that wrote the config
+    _check_rejected(tmp_path, model, zflora.AdapterError, "written by another save")
 
 
 @pytest.mark.parametrize(

@@ -289,6 +289,7 @@ def test_zflora_serve_answers_openai_completions(vllm, tmp_path, stories_path):
            "--max-model-len", "256", "--max-num-seqs", "2"]  # fmt: skip
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed below)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    before = vllm_processes()
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -310,12 +311,32 @@ def test_zflora_serve_answers_openai_completions(vllm, tmp_path, stories_path):
         assert choice["token_ids"] == want
         assert choice["text"]
     finally:
-        server.terminate()
+        server.terminate()  # `zflora serve` execs vLLM, so this signal reaches the server itself
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    left = vllm_processes() - before
+    deadline = time.time() + 30
+    while left and time.time() < deadline:
+        time.sleep(1)
+        left = vllm_processes() - before
+    assert not left, f"vLLM processes outlived the server: {left}"
+
+
+def vllm_processes() -> set[int]:
+    """PIDs of live processes whose command line mentions vLLM (the server and its engine core)."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").lower()
+            state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if b"vllm" in cmdline and "zombie" not in state and int(proc.name) != os.getpid():
+            pids.add(int(proc.name))
+    return pids
 
 
 def test_serve_bench_runs_all_three_engines(vllm, tmp_path):

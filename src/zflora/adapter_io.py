@@ -1,10 +1,17 @@
 """Adapter files: `save_adapter` / `load_adapter` (PEFT-like directory layout).
 
-    path/adapter_config.json         {"zflora": <ZFLoRAConfig>, "base_model": <identity>, "format": 1}
+    path/adapter_config.json         {"zflora": <ZFLoRAConfig>, "base_model": <identity>, "format": 1,
+                                      "save_id": <id>}
     path/adapter_model.safetensors   one tensor per adapter matrix, named like the model's
                                      parameters (`model.layers.0.self_attn.q_proj.zflora_B`),
-                                     always in the unfused (training) form
+                                     always in the unfused (training) form; its header
+                                     metadata carries the same save_id
 
+Each file is replaced atomically, and both carry the id of the save that wrote
+them, so a pair from two saves (a crash between the two renames) is refused.
+The base identity holds the shapes, the config fields that change the base's
+function (RoPE theta, RMSNorm eps, tied embeddings) and a fingerprint of a few
+base weights, so an adapter is refused by another base model of the same shapes.
 Loading validates everything before touching the model, so a bad file changes
 nothing. On a fused model it rewrites only the r extra rows/columns of each
 projection: adapter hot-swap.
@@ -13,7 +20,9 @@ projection: adapter hot-swap.
 from __future__ import annotations
 
 import json
+import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +34,9 @@ from torch import nn
 
 from .config import ZFLoRAConfig
 from .files import atomic_write
-from .models import head_dim
+from .models import head_dim, meta_model
 from .modules import FusedLinear
-from .transform import _require_zflora, adapter_parameters
+from .transform import adapter_parameters, apply_zflora, is_zflora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,55 +52,104 @@ IDENTITY_FIELDS = (
     "intermediate_size",
     "vocab_size",
 )
-# Adapter config fields that fix the adapter's tensor shapes; alpha may differ.
-SHAPE_FIELDS = ("r", "targets", "lm_head", "expand_input")
+# Config fields that change the base model's function at the same shapes (compared when recorded).
+FUNCTION_FIELDS = ("rope_theta", "rms_norm_eps", "tie_word_embeddings")
+# Adapter config fields that fix the adapter's tensor shapes (targets normalised); alpha may differ.
+SHAPE_FIELDS = ("r", "target_modules", "lm_head", "expand_input")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FINGERPRINT_VALUES = 16  # leading values of each fingerprinted base tensor
 
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded into this model."""
 
 
+def _rope_theta(cfg: Any) -> float | None:
+    theta = getattr(cfg, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
+    return None if theta is None else float(theta)
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, list[float]] | None:
+    """The leading values of three base tensors (embedding, first q projection, final norm gain).
+
+    Cheap, and the same in either zFLoRA form (a fused weight keeps the base block first)
+    and, within rounding, in any dtype. None for a model on the meta device.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tensors = {
+        "embed_tokens": inner.model.embed_tokens.weight[0],
+        "layers.0.q_proj": inner.model.layers[0].self_attn.q_proj.weight[0],
+        "norm": inner.model.norm.weight,
+    }
+    if any(t.is_meta for t in tensors.values()):
+        return None
+    return {k: t.detach()[:FINGERPRINT_VALUES].float().cpu().tolist() for k, t in tensors.items()}
+
+
 def base_identity(model: nn.Module) -> dict[str, Any]:
     cfg = model.config
-    return {f: getattr(cfg, f, None) for f in IDENTITY_FIELDS} | {"head_dim": head_dim(cfg)}
+    ident = {f: getattr(cfg, f, None) for f in IDENTITY_FIELDS} | {"head_dim": head_dim(cfg)}
+    ident |= {"rope_theta": _rope_theta(cfg), "rms_norm_eps": getattr(cfg, "rms_norm_eps", None),
+              "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))}  # fmt: skip
+    return ident | {"fingerprint": base_fingerprint(model)}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter (not the base) into directory `path`, each file atomically.
 
-    Each file is written to a temporary name beside it and renamed into place, the
-    weights first and the config last; other files in `path` (a Trainer checkpoint's
-    optimizer state, say) are left alone.
+    The weights first, the config last, both stamped with one save id; temporary files
+    left by an interrupted earlier save are removed. Other files in `path` (a Trainer
+    checkpoint's optimizer state, say) are left alone. Non-finite weights are refused.
     """
-    _require_zflora(model)
+    _require(model)
     path = Path(path)
     params = adapter_parameters(model)
     tensors = {n: params[n].detach().contiguous().cpu() for n in sorted(params)}  # deterministic file
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterError(f"{path}: refusing to save non-finite adapter weights ({len(bad)} tensors, e.g. {bad[0]})")
+    save_id = uuid.uuid4().hex
     meta = {
         "format": FORMAT_VERSION,
         "library": "zflora",
+        "save_id": save_id,
         "zflora": model.zflora_config.to_dict(),
         "base_model": base_identity(model),
         "name_or_path": getattr(model.config, "_name_or_path", "") or "",
     }
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    for stale in [*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")]:
+        stale.unlink(missing_ok=True)  # left by a save that was killed
+    header = {"format": "pt", "zflora_save_id": save_id}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
     atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
 
-def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str, Any]]:
-    """Parse and validate `path/adapter_config.json`; return the config and the base identity."""
+def _require(model: nn.Module) -> None:
+    if not is_zflora(model):
+        raise AdapterError(
+            "this model has no zFLoRA adapter: load_adapter(model, path) applies the adapter's own config "
+            "to a plain model, or call zflora.apply_zflora(model, config) first"
+        )
+
+
+def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str, Any], str | None]:
+    """Parse and validate `path/adapter_config.json`; return the config, the base identity and the save id."""
     path = Path(path)
+    if path.is_file():
+        raise AdapterError(f"{path}: is a file; pass the adapter directory (holding {CONFIG_NAME})")
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {path}")
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{cfg_file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("zflora"), dict):
         raise AdapterError(f"{cfg_file}: no 'zflora' object; is this a zFLoRA adapter?")
     if meta.get("format") != FORMAT_VERSION:
@@ -103,7 +161,8 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str
     ident = meta.get("base_model")
     if not isinstance(ident, dict):
         raise AdapterError(f"{cfg_file}: no 'base_model' object")
-    return config, ident
+    save_id = meta.get("save_id")
+    return config, ident, save_id if isinstance(save_id, str) else None
 
 
 @dataclass
@@ -116,45 +175,82 @@ class Adapter:
     source: str = ""
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path, save_id: str | None) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing")
     try:
         with safe_open(file, framework="pt") as f:
+            written_by = (f.metadata() or {}).get("zflora_save_id")
             tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
-    except SafetensorError as e:
+    except (SafetensorError, TypeError, ValueError) as e:
         raise AdapterError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+    if save_id is not None and written_by != save_id:
+        raise AdapterError(
+            f"{file}: written by another save than {CONFIG_NAME} beside it (save ids {written_by!r} and "
+            f"{save_id!r}): a save was interrupted between its two files; save the adapter again"
+        )
     for name, t in tensors.items():
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise AdapterError(f"{file}: {name} holds non-finite or non-float values")
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{file}: {name} is {t.dtype}; adapter tensors must be float32, float16 or bfloat16")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{file}: {name} holds non-finite values (inf or NaN)")
     return tensors
 
 
-def read_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> Adapter:
+def read_adapter(path: str | os.PathLike, model: nn.Module | None = None, check_base: bool = True) -> Adapter:
     """Read and validate an adapter directory; with `model`, also check that it fits that model."""
     path = Path(path)
-    config, ident = read_adapter_config(path)
-    adapter = Adapter(config, ident, _read_tensors(path / WEIGHTS_NAME), str(path))
+    config, ident, save_id = read_adapter_config(path)
+    adapter = Adapter(config, ident, _read_tensors(path / WEIGHTS_NAME, save_id), str(path))
     if model is not None:
-        check_fits(model, adapter)
+        check_fits(model, adapter, check_base)
     return adapter
 
 
-def check_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
-    """Raise AdapterError unless `adapter` fits zFLoRA `model` (base, shape fields, tensor names and shapes);
-    return the model's adapter parameters by name."""
-    where = adapter.source or "adapter"
-    mine = base_identity(model)
-    ident, config = adapter.base_model, adapter.config
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _fingerprint_differs(mine: dict[str, list[float]] | None, theirs: Any) -> list[str]:
+    if not mine or not isinstance(theirs, dict):
+        return []  # a meta model, or an adapter saved before fingerprints: nothing to compare
+    out = []
+    for name, values in mine.items():
+        other = theirs.get(name)
+        if not isinstance(other, list) or len(other) != len(values):
+            out.append(name)
+            continue
+        a, b = torch.tensor(values), torch.tensor(other, dtype=torch.float32)
+        if not torch.allclose(a, b, rtol=2e-2, atol=1e-3 * float(a.abs().max().clamp(min=1e-6))):  # dtype rounding
+            out.append(name)
+    return out
+
+
+def check_same_base(model: nn.Module, adapter: Adapter, weights: bool = True) -> None:
+    """Raise AdapterError unless `adapter` was trained on `model`'s base: the shapes always; with `weights`,
+    the function-changing config fields and the weight fingerprint the adapter recorded."""
+    where, ident, mine = adapter.source or "adapter", adapter.base_model, base_identity(model)
     diff = [f"{k}: adapter {ident.get(k)!r}, model {mine[k]!r}" for k in IDENTITY_FIELDS if ident.get(k) != mine[k]]
+    if weights:
+        diff += [f"{k}: adapter {ident[k]!r}, model {mine[k]!r}" for k in FUNCTION_FIELDS
+                 if ident.get(k) is not None and mine[k] is not None and not _same(ident[k], mine[k])]  # fmt: skip
+        diff += [f"weights of {n} differ" for n in _fingerprint_differs(mine["fingerprint"], ident.get("fingerprint"))]
     if diff:
-        raise AdapterError(f"{where}: adapter was trained on a different base model ({'; '.join(diff)})")
-    current = model.zflora_config
-    diff = [
-        f"{k}: adapter {getattr(config, k)!r}, model {getattr(current, k)!r}"
-        for k in SHAPE_FIELDS
-        if getattr(config, k) != getattr(current, k)
-    ]
+        hint = "" if not weights else " (check_base=False loads it anyway, for those who know it fits)"
+        raise AdapterError(f"{where}: adapter was trained on a different base model ({'; '.join(diff)}){hint}")
+
+
+def check_fits(model: nn.Module, adapter: Adapter, check_base_weights: bool = True) -> dict[str, torch.Tensor]:
+    """Raise AdapterError unless `adapter` fits zFLoRA `model`: its base, shape fields, tensor names and
+    shapes, and values that stay finite in the model's dtype. Return the tensors to write, by parameter
+    name, already cast: everything is checked before the first write."""
+    _require(model)
+    where, config, current = adapter.source or "adapter", adapter.config, model.zflora_config
+    check_same_base(model, adapter, check_base_weights)
+    diff = [f"{k.replace('target_modules', 'targets')}: adapter {getattr(config, k)!r}, model "
+            f"{getattr(current, k)!r}" for k in SHAPE_FIELDS if getattr(config, k) != getattr(current, k)]  # fmt: skip
     if diff:
         raise AdapterError(
             f"{where}: adapter shape does not match the model's zFLoRA config ({'; '.join(diff)}); "
@@ -168,25 +264,32 @@ def check_fits(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
             + (f"; missing {len(missing)}: {', '.join(missing[:3])}" if missing else "")
             + (f"; unexpected {len(extra)}: {', '.join(extra[:3])}" if extra else "")
         )
+    cast = {}
     for name, t in adapter.tensors.items():
-        if tuple(t.shape) != tuple(params[name].shape):
-            raise AdapterError(
-                f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(params[name].shape)}"
-            )
-    return params
+        p = params[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise AdapterError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{where}: {name} is {t.dtype}; adapter tensors must be float32, float16 or bfloat16")
+        c = t.detach().to(p.device, p.dtype)
+        scaled = c * config.scaling if name.endswith("zflora_B") else c  # what a fused block will hold
+        if not p.is_meta and not torch.isfinite(scaled).all():
+            raise AdapterError(f"{where}: {name} is not finite in the model's dtype {p.dtype} (overflow or NaN)")
+        cast[name] = c
+    return cast
 
 
 @torch.no_grad()
-def set_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
+def set_adapter(model: nn.Module, adapter: Adapter, check_base: bool = True) -> nn.Module:
     """Write an in-memory adapter into a zFLoRA model, in either form (hot-swap when fused).
 
-    Checks that it fits first (base, rank, targets, tensor names and shapes): on
+    Checks everything first (base, rank, targets, tensor names, shapes and values): on
     error the model is unchanged. Only the adapter matrices and, when fused, the r
     extra rows/columns of each projection are written; base blocks are never touched.
+    `check_base=False` skips the base weight fingerprint and function-field checks.
     """
-    _require_zflora(model)
-    params = check_fits(model, adapter)
-    for name, t in adapter.tensors.items():
+    params = adapter_parameters(model) if is_zflora(model) else {}
+    for name, t in check_fits(model, adapter, check_base).items():
         params[name].copy_(t)
     model.zflora_config.alpha = adapter.config.alpha  # the one place every module reads the scale from
     for m in model.modules():
@@ -195,12 +298,21 @@ def set_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     return model
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by `save_adapter` into a zFLoRA model, in either form.
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Load an adapter saved by `save_adapter`, as `PeftModel.from_pretrained` does for LoRA.
 
-    Raises FileNotFoundError (missing directory or file) or AdapterError (another
-    base model, another rank or set of targets, missing/extra/misshapen tensors,
-    a corrupt file) before anything is written: on error the model is unchanged.
-    The adapter's alpha may differ from the model's; the scaling follows the adapter.
+    Into a zFLoRA model, in either form (a hot-swap when fused); into a plain model, by
+    first applying the adapter's own config. Raises FileNotFoundError (missing directory
+    or file), AdapterError (another base model, another rank or set of targets,
+    missing/extra/misshapen tensors, a corrupt or mixed-up file) or UnsupportedModelError
+    before anything is written: on error the model is unchanged. The adapter's alpha may
+    differ from the model's; the scaling follows the adapter.
     """
-    return set_adapter(model, read_adapter(path))  # set_adapter checks the fit before writing
+    adapter = read_adapter(path)
+    if not is_zflora(model):
+        probe = meta_model(model.config)  # the same surgery on an empty copy: every check before the real one
+        apply_zflora(probe, adapter.config)
+        check_fits(probe, adapter, check_base_weights=False)
+        check_same_base(model, adapter, check_base)
+        apply_zflora(model, adapter.config)
+    return set_adapter(model, adapter, check_base)

@@ -42,8 +42,9 @@ PROJECTION_PATHS = {
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-class UnsupportedModelError(TypeError):
-    """The model is not a LLaMA-family causal LM that zFLoRA can be applied to."""
+class UnsupportedModelError(TypeError, ValueError):
+    """The model is not a LLaMA-family causal LM that zFLoRA can be applied to (a TypeError, and a
+    ValueError so that commands report it as a bad input)."""
 
 
 def _check_supported(model: nn.Module) -> None:

@@ -84,7 +84,10 @@ def to_example(record: Any, where: str) -> Example:
         target = output.strip() if output.strip() else answer.strip()
         return Example(format_prompt(instruction, _text(record, "input", where, required=False)), target, record)
     if "prompt" in record:
-        return Example(_text(record, "prompt", where), _text(record, "response", where, required=False), record)
+        prompt = _text(record, "prompt", where)
+        if not prompt.strip():
+            raise DataError(f"{where}: field 'prompt' is empty")
+        return Example(prompt, _text(record, "response", where, required=False), record)
     raise DataError(
         f"{where}: unknown record format (keys {sorted(record)[:6]}); expected instruction/output/answer "
         "(LLM-Adapters), dialogue/summary (DialogSum) or prompt/response"
@@ -92,19 +95,35 @@ def to_example(record: Any, where: str) -> Example:
 
 
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a `.json` list or a `.jsonl` file (either suffix in any case); none is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        return records
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start})"
+        ) from None
+    records = _parse_jsonl(path, text) if path.suffix.lower() == ".jsonl" else _parse_json(path, text)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _parse_jsonl(path: Path, text: str) -> list[Any]:
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def _parse_json(path: Path, text: str) -> list[Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

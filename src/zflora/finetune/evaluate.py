@@ -21,7 +21,7 @@ from ..files import write_json, write_text
 from ..models import load_local_model, load_tokenizer
 from ..transform import apply_zflora, fuse
 from .config import EvalConfig
-from .data import Example, load_examples
+from .data import DataError, Example, load_examples
 from .scoring import infer_kind, references, rouge_scores, score_response
 
 # Tokens to generate per kind (generation stops at EOS): small vocabularies need more per word.
@@ -88,6 +88,23 @@ def score_task(records: list[dict], responses: list[str], kind: str | None = Non
     return result
 
 
+def task_kind(name: str, examples: list[Example]) -> str:
+    """The one scoring kind of a task's records; a record without a gold answer or of another kind is an
+    error naming it (found before generating, not after)."""
+    if not examples:
+        raise DataError(f"{name}: no records")
+    kinds = []
+    for i, ex in enumerate(examples):
+        try:
+            kinds.append(infer_kind(ex.record))
+        except ValueError as e:
+            raise DataError(f"{name}: record {i}: {e}") from None
+        if kinds[i] != kinds[0]:
+            raise DataError(f"{name}: record {i} is scored as {kinds[i]!r} but record 0 as {kinds[0]!r}; "
+                            "one kind per task file")  # fmt: skip
+    return kinds[0]
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer: Any,
@@ -99,9 +116,9 @@ def evaluate_tasks(
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Generate and score every task; returns per-task results and the responses (for saving)."""
     results, saved = {}, []
-    for name, examples in tasks.items():
-        records = [ex.record for ex in examples]
-        kind = (kinds or {}).get(name) or infer_kind(records[0])
+    task_kinds = {name: (kinds or {}).get(name) or task_kind(name, examples) for name, examples in tasks.items()}
+    for name, examples in tasks.items():  # every task validated above, before any generation
+        records, kind = [ex.record for ex in examples], task_kinds[name]
         n_new = max_new_tokens or MAX_NEW_TOKENS[kind]
         responses = generate(model, tokenizer, [ex.prompt for ex in examples], n_new, batch_size, progress)
         results[name] = score_task(records, responses, kind)
@@ -156,6 +173,8 @@ def run(cfg: EvalConfig, dtype: torch.dtype = torch.float32) -> dict[str, dict[s
         results = score_responses_file(cfg.responses)
     else:
         tasks = {task_name(p): load_examples(p, cfg.limit) for p in cfg.data}
+        for name, examples in tasks.items():
+            task_kind(name, examples)  # before the model is even loaded
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_eval(cfg.model, cfg.adapter, dtype)
         results, saved = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size, cfg.max_new_tokens, progress=True)

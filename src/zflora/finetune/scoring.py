@@ -78,13 +78,41 @@ def parse_number(text: str) -> float | None:
         return None
 
 
-def extract_number(response: str) -> float | None:
-    """The last number in a response."""
-    for match in reversed([m.group(0) for m in NUMBER.finditer(response) if re.search(r"\d", m.group(0))]):
-        value = parse_number(match)
-        if value is not None:
-            return value
-    return None
+RULES = ("explicit", "llm-adapters")
+# "The answer is X", "the final answer is X", "Answer: X": what follows is the model's stated answer.
+EXPLICIT = re.compile(r"(?:\b(?:the\s+)?(?:final\s+|correct\s+)?answer\s+is\b|\banswer\s*:)\s*", re.IGNORECASE)
+MIXED_NUMBER = re.compile(r"(?<![\w./])(\d+)\s+(\d+)\s*/\s*(\d+)(?![\w/])")  # 2 1/2
+SPACED_LABEL = re.compile(r"\b(option|answer|solution|ending)\s+([1-5])\b", re.IGNORECASE)  # "Option 2"
+LOWER_OPTION = re.compile(r"\(([a-e])\)")  # "(c)": a lower-case letter only in parentheses ("a" is a word)
+
+
+def _stated(response: str, rule: str) -> str | None:
+    """The text after the last explicit "the answer is" / "Answer:", or None (or under LLM-Adapters' rule)."""
+    if rule == "llm-adapters":
+        return None
+    found = list(EXPLICIT.finditer(response))
+    return response[found[-1].end() :] if found else None
+
+
+def _normalise_numbers(text: str) -> str:
+    text = text.replace("\u2212", "-")  # the Unicode minus sign
+    return MIXED_NUMBER.sub(lambda m: str(int(m[1]) + int(m[2]) / int(m[3])) if int(m[3]) else m[0], text)
+
+
+def _numbers(text: str, rule: str) -> list[float]:
+    if rule == "explicit":
+        text = _normalise_numbers(text)
+    found = (m.group(0) for m in NUMBER.finditer(text) if re.search(r"\d", m.group(0)))
+    return [v for v in map(parse_number, found) if v is not None]
+
+
+def extract_number(response: str, rule: str = "explicit") -> float | None:
+    """The first number after an explicit "the answer is", else the last number in the response."""
+    stated = _stated(response, rule)
+    if stated is not None and (first := _numbers(stated, rule)[:1]):
+        return first[0]
+    found = _numbers(response, rule)
+    return found[-1] if found else None
 
 
 def _answer_words(record: dict[str, Any]) -> list[str]:
@@ -94,17 +122,36 @@ def _answer_words(record: dict[str, Any]) -> list[str]:
     return []
 
 
-def extract_label(response: str, record: dict[str, Any]) -> str | None:
-    """The first of the record's answer words (or any known label word) in the response."""
+def extract_label(response: str, record: dict[str, Any], rule: str = "explicit") -> str | None:
+    """The first of the record's answer words (or any known label word) after an explicit "the answer is",
+    else in the whole response; "Option 2" counts as option2."""
     words = _answer_words(record)
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else LABEL_WORDS
-    match = pattern.search(response)
-    return match.group(1).lower() if match else None
+    if rule == "explicit":
+        response = SPACED_LABEL.sub(r"\1\2", response)
+    for text in (_stated(response, rule), response):
+        match = pattern.search(text) if text is not None else None
+        if match:
+            return match.group(1).lower()
+    return None
 
 
-def extract_choice(response: str) -> str | None:
-    """The last option letter: '(B)', 'answer is B', a standalone capital A-E."""
-    letters = [a or b for a, b in OPTION_LETTER.findall(response)]
+def _letters(text: str, rule: str) -> list[str]:
+    if rule == "explicit":
+        text = LOWER_OPTION.sub(lambda m: f"({m[1].upper()})", text)
+    return [a or b for a, b in OPTION_LETTER.findall(text)]
+
+
+def extract_choice(response: str, rule: str = "explicit") -> str | None:
+    """The first option letter after an explicit "the answer is" ('(B)', 'B', '(b)'), else the last one."""
+    stated = _stated(response, rule)
+    if stated is not None:
+        head = stated.lstrip(" (")[:1]
+        if head.upper() in "ABCDE" and head and not stated.lstrip(" (")[1:2].isalpha():
+            return head.upper()  # "the answer is c" / "(c)": the stated letter, whatever its case
+        if first := _letters(stated, rule)[:1]:
+            return first[0]
+    letters = _letters(response, rule)
     return letters[-1] if letters else None
 
 
@@ -121,20 +168,25 @@ def rouge_scores(refs: list[str], response: str) -> dict[str, float]:
     return {k: v.fmeasure for k, v in scores.items()}
 
 
-def score_response(record: dict[str, Any], response: str, kind: str | None = None) -> float:
+def score_response(record: dict[str, Any], response: str, kind: str | None = None, rule: str = "explicit") -> float:
     """Score one response: 1.0/0.0 for label, number and choice; ROUGE-L F1 for summaries
-    (the best over the record's references when it has several)."""
+    (the best over the record's references when it has several).
+
+    rule "explicit" (default) takes a stated "the answer is X" / "Answer: X" first; "llm-adapters"
+    is LLM-Adapters' own rule (first label word, last number, last option letter)."""
     kind = kind or infer_kind(record)
     if kind not in KINDS:
         raise ValueError(f"kind: unknown {kind!r}; accepted: {', '.join(KINDS)}")
+    if rule not in RULES:
+        raise ValueError(f"rule: unknown {rule!r}; accepted: {', '.join(RULES)}")
     if kind == "rouge":
         return rouge_scores(references(record), response)["rougeL"]
     gold = _gold(record)
     if kind == "number":
-        want, got = parse_number(gold), extract_number(response)
+        want, got = parse_number(gold), extract_number(response, rule)
         if want is None:
             raise ValueError(f"gold answer {gold!r} is not a number")
         return float(got is not None and abs(got - want) <= max(1e-3, 1e-6 * abs(want)))
     if kind == "choice":
-        return float(extract_choice(response) == gold.upper())
-    return float(extract_label(response, record) == gold.lower())
+        return float(extract_choice(response, rule) == gold.upper())
+    return float(extract_label(response, record, rule) == gold.lower())

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from ..adapter_io import load_adapter, save_adapter
+from ..adapter_io import CONFIG_NAME, load_adapter, read_adapter, save_adapter
 from ..files import atomic_write
 from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
@@ -72,10 +74,42 @@ class AdapterTrainer(Trainer):
             atomic_write(folder / COMPLETE, lambda tmp: tmp.write_text("complete\n"))
 
 
-def last_complete_checkpoint(output: Path) -> Path | None:
-    """The newest checkpoint-N under `output` that was written to the end."""
+def complete_checkpoints(output: Path) -> list[Path]:
+    """The checkpoint-N under `output` that were written to the end, newest first."""
     done = [p for p in output.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(done, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def last_complete_checkpoint(output: Path) -> Path | None:
+    return next(iter(complete_checkpoints(output)), None)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from (a damaged file), or None if it can."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        if (path / "optimizer.pt").exists():
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        for weights in path.glob("*.safetensors"):
+            with safe_open(weights, framework="pt") as f:
+                names = f.keys()
+                for name in names:
+                    f.get_tensor(name)
+        if (path / CONFIG_NAME).is_file() and "zflora" in (path / CONFIG_NAME).read_text():
+            read_adapter(path)
+    except Exception as e:  # any damage: unreadable JSON, a truncated pickle or tensor file, a bad adapter
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    return None
+
+
+def resume_point(output: Path) -> Path:
+    """The newest complete checkpoint that is undamaged; a damaged newer one is named and skipped."""
+    for path in complete_checkpoints(output):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        print(f"zflora train: {path.name} is damaged ({problem}); trying the previous checkpoint", file=sys.stderr)
+    raise FileNotFoundError(f"{output}: no complete, undamaged checkpoint to resume from")
 
 
 def build_trainer(
@@ -136,11 +170,7 @@ def train_model(
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
     timer = StepTimer()
     trainer = build_trainer(cfg, model, tokenizer, tok.features, [timer, *(callbacks or [])])
-    resume = None
-    if cfg.resume:
-        resume = last_complete_checkpoint(cfg.output)
-        if resume is None:
-            raise FileNotFoundError(f"{cfg.output}: no complete checkpoint to resume from")
+    resume = resume_point(cfg.output) if cfg.resume else None
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     log = {

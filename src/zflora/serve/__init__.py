@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from .config import ServeConfig
 ARCHITECTURE = "ZFLoRALlamaForCausalLM"
 MODEL_CLASS = "zflora.serve.vllm_model:ZFLoRALlamaForCausalLM"
 ADAPTER_FIELD = "zflora_adapter"  # the config override that names the adapter directory
+CPU_KVCACHE_GIB = 4  # zflora serve's KV cache on a CPU unless VLLM_CPU_KVCACHE_SPACE says otherwise
 MODEL_TYPES = ("llama",)  # vLLM's LlamaForCausalLM layers; other families have their own vLLM classes
 
 
@@ -132,4 +132,14 @@ def main(cfg: ServeConfig) -> None:
         print(shlex.join(cmd))
         return
     require_vllm()
-    sys.exit(subprocess.call(cmd))
+    if not torch_cuda_available():
+        # vLLM's CPU build otherwise sizes its KV cache to demand 92% of memory free, and fails to start.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_GIB))
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # this process becomes vLLM's server: signals (Ctrl-C, SIGTERM) reach it directly
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
