@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,6 +55,23 @@ def test_resume_equals_uninterrupted(stories_path, task_file, tmp_path, method):
     assert a.keys() == b.keys() and a
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", "adapter_model.safetensors"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(stories_path, task_file, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    train_model(_cfg(stories_path, task_file, out, max_steps=9), callbacks=[StopAt(6)])
+    assert last_complete_checkpoint(out).name == "checkpoint-6"
+    file = out / "checkpoint-6" / damage
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # truncated, marker still there
+    _, log = train_model(_cfg(stories_path, task_file, out, max_steps=9, resume=True))
+    assert log["resumed_from"].endswith("checkpoint-3") and log["steps"] == 9
+    assert "checkpoint-6 is damaged" in capsys.readouterr().err
+    only = tmp_path / "only"
+    train_model(_cfg(stories_path, task_file, only), callbacks=[StopAt(3)])
+    (only / "checkpoint-3" / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no complete, undamaged checkpoint"):
+        train_model(_cfg(stories_path, task_file, only, resume=True))
 
 
 def test_incomplete_checkpoint_is_not_resumed(stories_path, task_file, tmp_path):
@@ -133,3 +153,33 @@ def test_train_options(stories_path, task_file, tmp_path, options):
     main(["train", "--model", str(stories_path), "--data", str(task_file), "--output", str(out), *base, *options])
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["loss"])
+
+
+def test_two_processes_train_like_one_and_only_the_main_one_writes(stories_path, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one writer, and the adapter of a single process with the same
+    global batch (records of equal length, so the mean over tokens equals the mean over processes)."""
+    import socket
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tom has {i} apples. How many?", "response": f"{i}"}) + "\n"
+                            for i in range(1, 9)))  # fmt: skip
+    common = ["train", "--model", str(stories_path), "--data", str(data), "--rank", "4", "--lr", "1e-2",
+              "--max-steps", "2", "--max-length", "64", "--save-steps", "-1", "--no-progress"]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "zflora.cli", *common, "--batch-size", "4", "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained zflora") == 1  # one summary, from the main process
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["final", "train_log.json"]
+    main([*common, "--batch-size", "8", "--output", str(tmp_path / "one")])
+    one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    both = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert one.keys() == both.keys()
+    for k in one:
+        torch.testing.assert_close(both[k], one[k], rtol=1e-4, atol=1e-6)

@@ -202,10 +202,19 @@ def save_trained(model: nn.Module, tokenizer: Any, output: Path, log: dict[str, 
     return final
 
 
+def is_main_process() -> bool:
+    """False on every process but the first of a distributed run (torchrun, accelerate launch)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and save. In a distributed run every process trains; only the main one writes the result."""
     tokenizer = load_tokenizer(cfg.model)
     model, log = train_model(cfg, tokenizer=tokenizer)
-    log["output"] = str(save_trained(model, tokenizer, cfg.output, log))
+    if is_main_process():
+        log["output"] = str(save_trained(model, tokenizer, cfg.output, log))
     return log
 
 
@@ -217,6 +226,8 @@ def step_time_summary(times: list[float]) -> float:
 
 def main(cfg: TrainConfig) -> None:
     log = run(cfg)
+    if "output" not in log:  # not the main process of a distributed run
+        return
     data, losses = log["data"], log["loss"]
     step_ms, loss = 1e3 * step_time_summary(log["step_time_s"]), losses[-1]["loss"] if losses else float("nan")
     print(f"trained {cfg.method} for {log['steps']} steps on {data['trained']} records "
