@@ -27,6 +27,8 @@ COMMANDS = {
              "generate and score on task files, or score saved responses"),
     "study": ("zflora.finetune.config:StudyConfig", "zflora.finetune.study:main",
               "the miniature accuracy study on stories260K (all methods, several seeds)"),
+    "accuracy": ("zflora.finetune.config:AccuracyConfig", "zflora.finetune.accuracy:main",
+                 "the paper's accuracy study on a real model: commonsense, math, summary (resumable)"),
     "serve": ("zflora.serve.config:ServeConfig", "zflora.serve:main",
               "vLLM OpenAI-compatible server: base checkpoint + zFLoRA adapter (needs vLLM)"),
     "models": ("zflora.registry:ModelsConfig", "zflora.registry:main",
@@ -77,7 +79,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if not f.init or meta.get("cli") is False:
             continue
         flag = "--" + meta.get("flag", f.name).replace("_", "-")
-        hint, help_text = _unwrap(hints[f.name]), meta.get("help", "")
+        hint, help_text = _unwrap(hints[f.name]), meta.get("help", "").replace("%", "%%")  # argparse formats it
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if meta.get("positional"):  # a word, not a flag: `zflora models get NAME`

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapter_io import set_adapter
+from ..charts import figure, save_figure
 from ..config import check_alpha
 from ..hardware import auto_dtype, describe_machine, environment
 from ..methods import prepare_model, random_adapter, randomize_lora
@@ -30,7 +31,7 @@ from ..transform import adapter_parameters, fuse
 from . import projection, switch
 from .config import BenchConfig
 from .harness import Timer, available_bytes, model_bytes, pick_device, rotated
-from .report import Key, bar_chart, figure, md_table, rows, save_figure, target, targets_table, write_outputs
+from .report import Key, bar_chart, md_table, rows, target, targets_table, write_outputs
 
 
 def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool) -> nn.Module:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write, write_json, write_text
+from ..files import write_json, write_text
 from .harness import summarize
 
 Key = tuple[str, int, int]  # (phase, tokens, batch)
@@ -65,24 +65,6 @@ def bar_chart(ax: Any, result_rows: list[dict[str, Any]], label: Callable[[dict]
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [label(first[k]) for k in keys], fontsize=8)
     ax.set_ylabel("latency / base")
     ax.legend(fontsize=7)
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def figure(ncols: int = 1, width: float = 7.0) -> tuple[Any, list[Any]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width, 4.5), squeeze=False)
-    return fig, list(axes[0])
 
 
 def write_outputs(

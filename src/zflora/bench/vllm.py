@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..adapter_io import save_adapter, set_adapter
+from ..charts import figure, save_figure
 from ..config import ZFLoRAConfig, check_alpha
 from ..hardware import auto_dtype, describe_machine, environment
 from ..methods import lora_config, random_adapter, randomize_lora
@@ -41,7 +42,7 @@ from ..serve import hf_overrides, require_vllm
 from ..transform import apply_zflora
 from .config import ServeBenchConfig
 from .harness import available_bytes, rotated
-from .report import Key, bar_chart, figure, md_table, rows, save_figure, target, targets_table, write_outputs
+from .report import Key, bar_chart, md_table, rows, target, targets_table, write_outputs
 
 DECODE_PROMPT = 128
 

@@ -118,3 +118,50 @@ class StudyConfig:
     def __post_init__(self) -> None:
         positive_ints(self, "rank", "seeds", "steps", "batch_size", "n_train", "n_test", "max_length")
         finite_positive(self, "lr", "fft_lr")
+
+
+CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
+    "commonsense": (
+        [f"commonsense/{t}/train.json" for t in ("boolq", "ARC-Challenge", "ARC-Easy", "openbookqa")],
+        [f"commonsense/{t}/test.json" for t in ("boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy",
+                                                  "openbookqa", "winogrande")],
+    ),
+    "math": (["math/math_train_3k.json"], [f"math/{t}/test.json" for t in ("gsm8k", "SVAMP", "AddSub", "MultiArith",
+                                                                             "SingleEq")]),
+    "summary": (["dialogsum/dialogsum.dev.jsonl"], ["dialogsum/dialogsum.test.jsonl"]),
+}  # fmt: skip
+ADAPTER_METHODS = ("lora", "zflora", "lora-mha", "zflora-mha")
+
+
+@dataclass
+class AccuracyConfig:
+    """`zflora accuracy`: the paper's accuracy study on a real pretrained model (resumable)."""
+
+    model: Path = field(default=Path("smollm2-135m-instruct"), metadata={"help": "checkpoint dir or fetched name"})
+    data: Path = field(default=Path("../shared/data"), metadata={"help": "the commonsense/, math/, dialogsum/ root"})
+    output: Path = field(default=Path("runs/accuracy"), metadata={"help": "one directory per run; rerun resumes"})
+    rank: int = 16
+    seeds: int = field(default=2, metadata={"help": "seeds of lora and zflora (other methods: one)"})
+    methods: tuple[str, ...] = field(default=("base", *ADAPTER_METHODS, "zflora-matched"),
+                                     metadata={"help": "add fft to fine-tune every weight too"})  # fmt: skip
+    categories: tuple[str, ...] = tuple(CATEGORIES)
+    steps: int = field(default=240, metadata={"help": "training steps per run"})
+    batch_size: int = 8
+    max_length: int = 384
+    n_train: int = field(default=2400, metadata={"help": "training records per category (shuffled; 10% validation)"})
+    n_test: tuple[int, ...] = field(default=(200, 100, 200), metadata={"help": "test records per task, by category"})
+    lrs: tuple[float, ...] = field(default=(1e-4, 3e-4, 1e-3), metadata={"help": "learning rates swept per method"})
+    sweep_steps: int = field(default=60, metadata={"help": "steps of each sweep run (commonsense data)"})
+    eval_batch_size: int = 16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive_ints(self, "rank", "seeds", "steps", "batch_size", "max_length", "n_train", "sweep_steps",
+                      "eval_batch_size")  # fmt: skip
+        known = ("base", *ADAPTER_METHODS, "zflora-matched", "fft")
+        if bad := [m for m in self.methods if m not in known]:
+            raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(known)}")
+        if bad := [c for c in self.categories if c not in CATEGORIES]:
+            raise ValueError(f"categories: unknown {bad}; accepted: {', '.join(CATEGORIES)}")
+        if len(self.n_test) != len(CATEGORIES) or not self.lrs:
+            raise ValueError(f"n_test: one count per category ({', '.join(CATEGORIES)}); lrs: at least one")

@@ -115,7 +115,7 @@ def extract_number(response: str, rule: str = "explicit") -> float | None:
     return found[-1] if found else None
 
 
-def _answer_words(record: dict[str, Any]) -> list[str]:
+def answer_words(record: dict[str, Any]) -> list[str]:
     found = FORMAT_LINE.findall(str(record.get("instruction", "")))
     if found:
         return [w.strip().lower() for w in found[-1].split("/") if w.strip()]
@@ -125,7 +125,7 @@ def _answer_words(record: dict[str, Any]) -> list[str]:
 def extract_label(response: str, record: dict[str, Any], rule: str = "explicit") -> str | None:
     """The first of the record's answer words (or any known label word) after an explicit "the answer is",
     else in the whole response; "Option 2" counts as option2."""
-    words = _answer_words(record)
+    words = answer_words(record)
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else LABEL_WORDS
     if rule == "explicit":
         response = SPACED_LABEL.sub(r"\1\2", response)

@@ -139,6 +139,7 @@ def build_trainer(
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to="none",
+        include_num_input_tokens_seen=True,  # tokens per second in the log
         disable_tqdm=not cfg.progress,
         remove_unused_columns=False,
         **save,
@@ -180,6 +181,7 @@ def train_model(
                  "dropped": tok.dropped},
         "trainable_parameters": count_trainable_parameters(model),
         "steps": trainer.state.global_step,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
         "resumed_from": str(resume) if resume else None,
         "wall_s": time.perf_counter() - started,
         "step_time_s": timer.times,
