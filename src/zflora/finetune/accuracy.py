@@ -191,12 +191,12 @@ def run(cfg: AccuracyConfig) -> dict[str, Any]:
     swept = [m for m in dict.fromkeys(m for m, _, _ in runs) if m != "base"]
     total = len(runs) * len(cfg.categories) + len(swept)
     bar = tqdm(total=total, disable=not cfg.progress, desc="zflora accuracy", unit="run")
-    sweeps = {}
-    for m in swept:
-        sweeps[m] = sweep(cfg, "zflora" if m == "zflora-matched" else m, ranks.get(m, cfg.rank), bar)
-        bar.update(1)
+    sweeps: dict[str, dict[str, Any]] = {}
     results = []
     for method, rank, seed in runs:
+        if method != "base" and method not in sweeps:  # swept just before its first run: results come in order
+            sweeps[method] = sweep(cfg, "zflora" if method == "zflora-matched" else method, rank or cfg.rank, bar)
+            bar.update(1)
         lr = sweeps[method]["best_lr"] if method in sweeps else None
         for category in cfg.categories:
             bar.set_postfix_str(f"{method} seed {seed} {category}")
