@@ -161,18 +161,9 @@ def one_run(cfg: AccuracyConfig, method: str, rank: int | None, seed: int, lr: f
 
 def matched_rank(cfg: AccuracyConfig) -> int:
     """The zFLoRA rank whose trainable parameters come closest to LoRA's at `rank`."""
-    from transformers import AutoConfig
+    from .study import matched_rank as closest
 
-    from ..methods import count_trainable_parameters, prepare_model
-    from ..models import meta_model
-
-    config = AutoConfig.from_pretrained(require_local(cfg.model), local_files_only=True)
-
-    def count(method: str, r: int) -> int:
-        return count_trainable_parameters(prepare_model(meta_model(config), method, r=r))
-
-    target = count("lora", cfg.rank)
-    return min(range(cfg.rank, 4 * cfg.rank + 1), key=lambda k: abs(count("zflora", k) - target))
+    return closest(require_local(cfg.model), "zflora", "lora", cfg.rank)
 
 
 def plan(cfg: AccuracyConfig, ranks: dict[str, int]) -> list[tuple[str, int | None, int]]:
