@@ -126,6 +126,8 @@ def sweep(cfg: AccuracyConfig, method: str, rank: int, bar: tqdm) -> dict[str, A
 def evaluate_run(cfg: AccuracyConfig, model: torch.nn.Module, category: str) -> dict[str, Any]:
     if is_zflora(model):
         fuse(model)  # evaluated as it would be served
+    elif hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # PEFT LoRA merged, as `zflora eval` serves it
     tests = test_sets(cfg, category)
     started = time.perf_counter()
     scores, saved = evaluate_tasks(model.eval(), load_tokenizer(cfg.model), tests, cfg.eval_batch_size)
