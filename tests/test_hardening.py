@@ -291,8 +291,11 @@ def test_data_and_model_errors_are_one_line_with_exit_1(tmp_path, stories_path):
         ({"instruction": "q", "answer": "2.5"}, "She ate 2 1/2 pies."),
         ({"instruction": "q\n\nAnswer format: option1/option2", "answer": "option2"}, "I choose Option 2."),
         ({"instruction": "q\n\nAnswer format: answer1/answer2/answer3", "answer": "answer1"}, "It is answer 1."),
+        ({"instruction": "q\n\nAnswer format: true/false", "answer": "true"},  # a base model's real output
+         "True.  The answer is true.  The answer is true.  ### Response: False.  The answer is false."),
+        ({"instruction": "q\n\nAnswer format: true/false", "answer": "false"}, "The answer is false, not true."),
     ],
-)
+)  # fmt: skip
 def test_scorer_takes_the_stated_answer(record, response):
     assert score_response(record, response) == 1.0
 

@@ -86,12 +86,22 @@ SPACED_LABEL = re.compile(r"\b(option|answer|solution|ending)\s+([1-5])\b", re.I
 LOWER_OPTION = re.compile(r"\(([a-e])\)")  # "(c)": a lower-case letter only in parentheses ("a" is a word)
 
 
+# A new prompt section the model hallucinated after its answer; LLM-Adapters' evaluation cuts there too
+# (it splits the decoded text on "### Response:").
+SECTION = re.compile(r"#{3}\s*(?:Instruction|Input|Response)\s*:", re.IGNORECASE)
+
+
+def own_answer(response: str) -> str:
+    """The response up to any prompt section it goes on to invent."""
+    return SECTION.split(response, maxsplit=1)[0]
+
+
 def _stated(response: str, rule: str) -> str | None:
-    """The text after the last explicit "the answer is" / "Answer:", or None (or under LLM-Adapters' rule)."""
+    """The text after the first explicit "the answer is" / "Answer:", or None (or under LLM-Adapters' rule)."""
     if rule == "llm-adapters":
         return None
-    found = list(EXPLICIT.finditer(response))
-    return response[found[-1].end() :] if found else None
+    found = EXPLICIT.search(response)
+    return response[found.end() :] if found else None
 
 
 def _normalise_numbers(text: str) -> str:
@@ -107,7 +117,7 @@ def _numbers(text: str, rule: str) -> list[float]:
 
 
 def extract_number(response: str, rule: str = "explicit") -> float | None:
-    """The first number after an explicit "the answer is", else the last number in the response."""
+    """The first number after the first explicit "the answer is", else the last number in the response."""
     stated = _stated(response, rule)
     if stated is not None and (first := _numbers(stated, rule)[:1]):
         return first[0]
@@ -143,7 +153,7 @@ def _letters(text: str, rule: str) -> list[str]:
 
 
 def extract_choice(response: str, rule: str = "explicit") -> str | None:
-    """The first option letter after an explicit "the answer is" ('(B)', 'B', '(b)'), else the last one."""
+    """The first option letter after the first explicit "the answer is" ('(B)', 'B', '(b)'), else the last one."""
     stated = _stated(response, rule)
     if stated is not None:
         head = stated.lstrip(" (")[:1]
@@ -179,6 +189,7 @@ def score_response(record: dict[str, Any], response: str, kind: str | None = Non
         raise ValueError(f"kind: unknown {kind!r}; accepted: {', '.join(KINDS)}")
     if rule not in RULES:
         raise ValueError(f"rule: unknown {rule!r}; accepted: {', '.join(RULES)}")
+    response = own_answer(response)
     if kind == "rouge":
         return rouge_scores(references(record), response)["rougeL"]
     gold = _gold(record)
