@@ -35,7 +35,7 @@ from ..models import load_local_model, load_tokenizer, require_local
 from ..transform import fuse, is_zflora
 from .config import ADAPTER_METHODS, CATEGORIES, AccuracyConfig
 from .data import Example, load_examples, tokenize
-from .evaluate import evaluate_tasks, task_name
+from .evaluate import evaluate_tasks, score_responses_file, task_name
 from .scoring import answer_words, infer_kind
 
 # --------------------------------------------------------------------------- data
@@ -139,8 +139,10 @@ def one_run(cfg: AccuracyConfig, method: str, rank: int | None, seed: int, lr: f
     """Train (unless base) and evaluate one method on one category; cached in its own directory."""
     name = method if rank is None else f"{method}-r{rank}"
     out = cfg.output / "runs" / f"{name}-s{seed}" / category
-    if (out / "result.json").is_file():
-        return json.loads((out / "result.json").read_text())
+    if (out / "result.json").is_file():  # finished: re-scored from its saved responses by today's scorers
+        details = score_responses_file(out / "responses.jsonl")
+        scores = {task: r["score"] for task, r in details.items()}
+        return json.loads((out / "result.json").read_text()) | {"scores": scores, "details": details}
     result: dict[str, Any] = {"method": method, "rank": rank, "seed": seed, "lr": lr, "category": category}
     if method == "base":
         model = load_local_model(cfg.model)
