@@ -35,12 +35,15 @@ def _merge(results: list[dict]) -> list[dict[str, Any]]:
 def summary(cfg: AccuracyConfig, results: list[dict], sweeps: dict, wall_s: float) -> dict[str, Any]:
     from .accuracy import chance, test_sets
 
-    chances = {}
+    chances, categories = {}, {}
     for category in cfg.categories:
-        chances |= {task: chance(examples) for task, examples in test_sets(cfg, category).items()}
+        tests = test_sets(cfg, category)
+        chances |= {task: chance(examples) for task, examples in tests.items()}
+        categories |= dict.fromkeys(tests, category)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     return {"model": str(cfg.model), "settings": settings, "environment": environment(torch.device("cpu"), "fp32"),
-            "wall_s": wall_s, "chance": chances, "sweeps": sweeps, "runs": _merge(results)}  # fmt: skip
+            "wall_s": wall_s, "chance": chances, "task_category": categories, "sweeps": sweeps,
+            "runs": _merge(results)}  # fmt: skip
 
 
 def _cell(values: list[float]) -> str:
@@ -103,6 +106,11 @@ def chart(out: dict[str, Any], path: Path) -> None:
         errs = [statistics.stdev(v) if len(v) > 1 else 0 for v in vals]
         ax.bar([j + i * width for j in range(len(cats))], means, width, yerr=errs, capsize=2,
                label=f"{method}{f' r={rank}' if rank else ''}")  # fmt: skip
+    for j, c in enumerate(cats):  # chance: the mean of the category's tasks' chance levels (where defined)
+        levels = [v for t, v in out["chance"].items() if v is not None and out["task_category"].get(t) == c]
+        if levels:
+            ax.hlines(statistics.fmean(levels), j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="--",
+                      label="chance" if j == 0 else None)  # fmt: skip
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats)
     ax.set_ylabel("category average (%)")
     ax.set_title(f"Accuracy study: {out['model']}")
