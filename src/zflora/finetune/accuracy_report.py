@@ -12,6 +12,7 @@ import torch
 from ..charts import figure, save_figure
 from ..hardware import environment
 from .config import CATEGORIES, AccuracyConfig
+from .study import mean_std
 
 
 def _merge(results: list[dict]) -> list[dict[str, Any]]:
@@ -46,14 +47,6 @@ def summary(cfg: AccuracyConfig, results: list[dict], sweeps: dict, wall_s: floa
             "runs": _merge(results)}  # fmt: skip
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def groups(out: dict[str, Any]) -> dict[tuple[str, Any], list[dict]]:
     by: dict[tuple[str, Any], list[dict]] = {}
     for run in out["runs"]:
@@ -71,8 +64,8 @@ def markdown(out: dict[str, Any]) -> str:
              "| chance | | | | " + " | ".join("-" if out["chance"][t] is None else f"{out['chance'][t]:.1f}"
                                                for t in tasks) + " |" * (len(cats) + 1) + " |"]  # fmt: skip
     for (method, rank), runs in groups(out).items():
-        cells = [_cell([r["scores"][t] for r in runs if t in r["scores"]]) for t in tasks]
-        avgs = [f"**{_cell([r['category_avg'][c] for r in runs if c in r['category_avg']])}**" for c in cats]
+        cells = [mean_std([r["scores"][t] for r in runs if t in r["scores"]]) for t in tasks]
+        avgs = [f"**{mean_std([r['category_avg'][c] for r in runs if c in r['category_avg']])}**" for c in cats]
         lines.append(f"| {method} | {rank or '-'} | {len(runs)} | {runs[0]['trainable_params']:,} | "
                      + " | ".join(cells + avgs) + f" | {runs[0]['lr'] or '-'} |")  # fmt: skip
     lines += ["", "Learning-rate sweep (validation loss on held-out commonsense training records):", ""]

@@ -98,7 +98,10 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     return result
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """'12.3' for one value, '12.3 ± 1.2' (mean ± sample std) for several, '-' for none."""
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
@@ -127,11 +130,11 @@ def markdown(result: dict[str, Any]) -> str:
             mine = [r for r in runs if r["method"] == method and (r["rank"] in (rank, None))]
             if not mine:
                 continue
-            cells = [_mean_std([r["scores"][t] for r in mine]) for t in tasks]
+            cells = [mean_std([r["scores"][t] for r in mine]) for t in tasks]
             params = mine[0].get("trainable_parameters", 0)
-            step = _mean_std([r["step_ms"] for r in mine]) if "step_ms" in mine[0] else "-"
+            step = mean_std([r["step_ms"] for r in mine]) if "step_ms" in mine[0] else "-"
             shown_rank = rank if method in ADAPTERS else "-"
-            avg = _mean_std([r["average"] for r in mine])
+            avg = mean_std([r["average"] for r in mine])
             lines.append(f"| {method} | {shown_rank} | {params:,} | " + " | ".join(cells) + f" | {avg} | {step} |")
         lines.append("")
     return "\n".join(lines)
