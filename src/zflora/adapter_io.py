@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import ZFLoRAConfig
-from .files import atomic_write
+from .files import atomic_write, write_json
 from .models import head_dim, meta_model
 from .modules import FusedLinear
 from .transform import adapter_parameters, apply_zflora, is_zflora
@@ -124,7 +124,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         stale.unlink(missing_ok=True)  # left by a save that was killed
     header = {"format": "pt", "zflora_save_id": save_id}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
-    atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(path / CONFIG_NAME, meta, indent=2)
     return path
 
 
@@ -190,11 +190,15 @@ def _read_tensors(file: Path, save_id: str | None) -> dict[str, torch.Tensor]:
             f"{save_id!r}): a save was interrupted between its two files; save the adapter again"
         )
     for name, t in tensors.items():
-        if t.dtype not in FLOAT_DTYPES:
-            raise AdapterError(f"{file}: {name} is {t.dtype}; adapter tensors must be float32, float16 or bfloat16")
+        _require_float(file, name, t)
         if not torch.isfinite(t).all():
             raise AdapterError(f"{file}: {name} holds non-finite values (inf or NaN)")
     return tensors
+
+
+def _require_float(where: Any, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:  # before any arithmetic: isfinite is not implemented for float8
+        raise AdapterError(f"{where}: {name} is {t.dtype}; adapter tensors must be float32, float16 or bfloat16")
 
 
 def read_adapter(path: str | os.PathLike, model: nn.Module | None = None, check_base: bool = True) -> Adapter:
@@ -269,8 +273,7 @@ def check_fits(model: nn.Module, adapter: Adapter, check_base_weights: bool = Tr
         p = params[name]
         if tuple(t.shape) != tuple(p.shape):
             raise AdapterError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise AdapterError(f"{where}: {name} is {t.dtype}; adapter tensors must be float32, float16 or bfloat16")
+        _require_float(where, name, t)
         c = t.detach().to(p.device, p.dtype)
         scaled = c * config.scaling if name.endswith("zflora_B") else c  # what a fused block will hold
         if not p.is_meta and not torch.isfinite(scaled).all():

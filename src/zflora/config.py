@@ -61,8 +61,6 @@ def check_alpha(alpha: Any, r: int) -> float:
         positive_finite("alpha", alpha)
     except ValueError as e:
         raise ValueError(f"{e} (or omit it for 2 * r)") from None
-    if not math.isfinite(alpha / r):
-        raise ValueError(f"alpha: {alpha!r} / r overflows")
     return float(alpha)
 
 

@@ -9,7 +9,6 @@ standard deviation; and time per training step.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..files import atomic_write
+from ..files import write_json, write_text
 from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
 from ..models import load_local_model, load_tokenizer, meta_model
@@ -93,8 +92,8 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
         "environment": environment(torch.device("cpu"), "fp32"),
     }
     if cfg.output:
-        atomic_write(cfg.output / "study.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
-        atomic_write(cfg.output / "study.md", lambda tmp: tmp.write_text(markdown(result)))
+        write_json(cfg.output / "study.json", result)
+        write_text(cfg.output / "study.md", markdown(result))
     return result
 
 

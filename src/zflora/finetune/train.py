@@ -24,7 +24,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from ..adapter_io import CONFIG_NAME, load_adapter, read_adapter, save_adapter
-from ..files import atomic_write
+from ..files import write_json, write_text
 from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
 from ..models import load_local_model, load_tokenizer, torch_dtype
@@ -71,7 +71,7 @@ class AdapterTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            atomic_write(folder / COMPLETE, lambda tmp: tmp.write_text("complete\n"))
+            write_text(folder / COMPLETE, "complete\n")
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
@@ -200,7 +200,7 @@ def save_trained(model: nn.Module, tokenizer: Any, output: Path, log: dict[str, 
         model.save_pretrained(final)
         if not hasattr(model, "peft_config"):
             tokenizer.save_pretrained(final)
-    atomic_write(output / "train_log.json", lambda tmp: tmp.write_text(json.dumps(log, indent=1) + "\n"))
+    write_json(output / "train_log.json", log)
     return final
 
 
