@@ -2,9 +2,10 @@
 
 The core: `config` (ZFLoRAConfig), `modules` (the zFLoRA modules), `fusion` (the
 fused layout), `transform` (apply_zflora, fuse, unfuse), `adapter_io` (adapter
-files), `methods` (every fine-tuning method behind one call). The jobs built on
-it, each a subpackage: `bench`, `finetune`, `serve`. Names below are imported on
-first use, so `import zflora` (and the `zflora` command's help) stays fast.
+files), `methods` (every fine-tuning method behind one call), `stacking` (many
+adapters in one batch, routed per row). The jobs built on it, each a subpackage:
+`bench`, `finetune`, `serve`. Names below are imported on first use, so `import
+zflora` (and the `zflora` command's help) stays fast.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _EXPORTS = {
     "prepare_model": "methods",
     "random_adapter": "methods",
     "score_response": "finetune.scoring",
+    "route": "stacking",
+    "stack_adapters": "stacking",
+    "swap_slot": "stacking",
     "SUPPORTED_ARCHITECTURES": "transform",
     "UnsupportedModelError": "transform",
     "adapter_parameters": "transform",
@@ -39,8 +43,8 @@ _EXPORTS = {
 __all__ = [
     "METHODS", "SUPPORTED_ARCHITECTURES", "Adapter", "AdapterError", "UnsupportedModelError", "ZFLoRAConfig",
     "adapter_parameters", "apply_zflora", "count_trainable_parameters", "fuse", "is_fused", "is_zflora",
-    "load_adapter", "prepare_model", "random_adapter", "read_adapter", "save_adapter", "score_response",
-    "set_adapter", "unfuse",
+    "load_adapter", "prepare_model", "random_adapter", "read_adapter", "route", "save_adapter", "score_response",
+    "set_adapter", "stack_adapters", "swap_slot", "unfuse",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
     from .config import METHODS, ZFLoRAConfig
     from .finetune.scoring import score_response
     from .methods import count_trainable_parameters, prepare_model, random_adapter
+    from .stacking import route, stack_adapters, swap_slot
     from .transform import (
         SUPPORTED_ARCHITECTURES,
         UnsupportedModelError,

@@ -5,6 +5,13 @@
     an output projection's bias                                       [b ; 0]     (d + r,)
     RMSNorm gain                                                      [g ; 1]     (d + r,)
 
+Stacked adapters (`stacking.py`) put k adapters side by side in one stream
+[h ; z_1 ; ... ; z_k], d + r_1 + ... + r_k wide: input projections [W | s_1 B_1 | ...
+| s_k B_k], output projections [W ; A_1 ; ... ; A_k], the expansion [A_in_1 ; ... ;
+A_in_k]. Routing is a per-row norm gain: for a row routed to adapter j it is
+[g ; 0 .. 1 on z_j .. 0] (`routed_gain`), so every input projection of that row reads
+n_h and n_{z_j} only and the row computes exactly single-adapter zFLoRA j.
+
 A projection the adapter does not target gets zeros in its block: it reads n_h only
 or writes nothing to z. Every engine builds its fused weights here: `zflora.fuse`
 (the module route), the fused hot-swap (which rewrites only the adapter block, in
@@ -14,7 +21,7 @@ place) and the vLLM loader (`fuse_state_dict`, as the base checkpoint streams in
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -46,13 +53,24 @@ def adapter_block(
 
 def fused_weight(kind: Kind, weight: torch.Tensor, matrix: torch.Tensor | None, scaling: float, r: int) -> torch.Tensor:
     """[W | s B] for kind "in", [W ; A] for kind "out"."""
+    return stacked_weight(kind, weight, [(matrix, scaling, r)])
+
+
+def stacked_weight(
+    kind: Kind, weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor | None, float, int]]
+) -> torch.Tensor:
+    """[W | s_1 B_1 | ... | s_k B_k] for kind "in", [W ; A_1 ; ... ; A_k] for kind "out", from each
+    adapter's (matrix, scaling, r)."""
     w = weight.detach()
-    return torch.cat([w, adapter_block(kind, w, matrix, scaling, r)], dim=1 if kind == "in" else 0)
+    blocks = [adapter_block(kind, w, m, s, r) for m, s, r in adapters]
+    return torch.cat([w, *blocks], dim=1 if kind == "in" else 0)
 
 
-def block_of(kind: Kind, fused: torch.Tensor, r: int) -> torch.Tensor:
-    """A view of the adapter block inside a fused weight: what a hot-swap rewrites, and nothing else."""
-    return fused[:, -r:] if kind == "in" else fused[-r:]
+def block_of(kind: Kind, fused: torch.Tensor, r: int, start: int | None = None) -> torch.Tensor:
+    """A view of an adapter block inside a fused weight: what a hot-swap rewrites, and nothing else.
+    The last r columns ("in") or rows ("out"), or the r from stream channel `start` on (stacked)."""
+    index = slice(-r, None) if start is None else slice(start, start + r)
+    return fused[:, index] if kind == "in" else fused[index]
 
 
 def fused_bias(bias: torch.Tensor, r: int) -> torch.Tensor:
@@ -63,6 +81,18 @@ def fused_bias(bias: torch.Tensor, r: int) -> torch.Tensor:
 def fused_gain(gain: torch.Tensor, r: int) -> torch.Tensor:
     """An RMSNorm gain on the d + r stream: [g ; 1] (the z channels are normalised, not scaled)."""
     return torch.cat([gain.detach(), gain.new_ones(r)])
+
+
+def routed_gain(gain: torch.Tensor, spans: Sequence[tuple[int, int]], adapter_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row gains (B, 1, d + R) of a stacked stream from its gain [g ; 1] (d + R,): row b keeps
+    g and the ones of z_j's channels `spans[j]` for j = adapter_ids[b], zeros elsewhere (-1: base)."""
+    d = spans[0][0]
+    keep = torch.zeros(adapter_ids.shape[0], 1, gain.shape[0], dtype=torch.bool, device=gain.device)
+    keep[..., :d] = True
+    ids = adapter_ids.to(gain.device)
+    for j, (start, stop) in enumerate(spans):
+        keep[ids == j, :, start:stop] = True
+    return gain.detach() * keep
 
 
 def fuse_state_dict(

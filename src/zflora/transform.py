@@ -51,6 +51,8 @@ def _check_supported(model: nn.Module) -> None:
     name = type(model).__name__
     if hasattr(model, "zflora_config"):
         raise UnsupportedModelError("this model already carries a zFLoRA adapter; use load_adapter to swap it")
+    if hasattr(model, "zflora_stack"):
+        raise UnsupportedModelError("this model carries stacked adapters; use zflora.swap_slot to replace one")
     if name not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"zFLoRA supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {name}. "
