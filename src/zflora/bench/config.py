@@ -15,6 +15,8 @@ E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha"
 HEADLINE_METHODS = ("base", "lora", "zflora")
 # `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
 SERVE_METHODS = ("base", "lora", "zflora")
+# `zflora mixed-bench`: many adapters in one batch.
+MIXED_METHODS = ("base", "zflora-stacked", "lora-mixed")
 assert set(E2E_METHODS) - {"lora-merged"} <= set(METHODS)
 
 
@@ -122,3 +124,32 @@ class ServeBenchConfig(ModelShape):
                      ("prompt_lens", "batch_sizes"))  # fmt: skip
         if self.targets not in ("all", "mha"):
             raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
+
+
+@dataclass
+class MixedBenchConfig(ModelShape):
+    """`zflora mixed-bench`: one batch of requests for k different adapters; stacked zFLoRA vs PEFT's
+    mixed-batch LoRA (`adapter_names=`) vs the base model, in Hugging Face transformers."""
+
+    rank: int = 8
+    layers: int | None = field(default=4, metadata={"help": "cut the depth to N layers (recorded)"})
+    adapters: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "numbers k of distinct adapters"})
+    batch: int = field(default=8, metadata={"help": "requests per batch; row b goes to adapter b mod k"})
+    prompt_lens: tuple[int, ...] = field(default=(128,), metadata={"help": "prefill lengths"})
+    decode_context: int = field(default=256, metadata={"help": "KV-cache length for the decode steps"})
+    decode_steps: int = field(default=8, metadata={"help": "timed decode steps per repetition and method"})
+    repeats: int = 3
+    warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
+    methods: tuple[str, ...] = MIXED_METHODS
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
+    seed: int = 0
+    json_path: Path | None = field(default=None, metadata={"flag": "json"})
+    chart_path: Path | None = field(default=None, metadata={"flag": "chart"})
+    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown"})
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_common(self, MIXED_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats"),
+                     ("adapters", "prompt_lens"))  # fmt: skip
+        if self.threads is not None:
+            positive("threads", self.threads)

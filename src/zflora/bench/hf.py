@@ -87,6 +87,7 @@ class Runner:
     def __init__(self, model: nn.Module, cfg: BenchConfig, device: torch.device) -> None:
         self.model, self.cfg = model, cfg
         self.cache_kwarg = cache_kwarg(model)
+        self.extra: dict[str, Any] = {}  # more forward keywords (PEFT's adapter_names)
         g = torch.Generator().manual_seed(cfg.seed)
         longest = max(*cfg.prompt_lens, cfg.decode_context)
         self.ids = torch.randint(3, model.config.vocab_size, (cfg.batch, longest), generator=g).to(device)
@@ -99,7 +100,7 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: Any) -> None:
-        self.model(input_ids=ids, **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1, **self.extra)
 
     def prefill(self, length: int) -> None:
         self.forward(self.ids[:, :length], self.new_cache())
