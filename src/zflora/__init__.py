@@ -22,6 +22,7 @@ _EXPORTS = {
     "read_adapter": "adapter_io",
     "save_adapter": "adapter_io",
     "set_adapter": "adapter_io",
+    "compile": "compiled",
     "ZFLoRAConfig": "config",
     "METHODS": "config",
     "count_trainable_parameters": "methods",
@@ -42,13 +43,14 @@ _EXPORTS = {
 }
 __all__ = [
     "METHODS", "SUPPORTED_ARCHITECTURES", "Adapter", "AdapterError", "UnsupportedModelError", "ZFLoRAConfig",
-    "adapter_parameters", "apply_zflora", "count_trainable_parameters", "fuse", "is_fused", "is_zflora",
+    "adapter_parameters", "apply_zflora", "compile", "count_trainable_parameters", "fuse", "is_fused", "is_zflora",
     "load_adapter", "prepare_model", "random_adapter", "read_adapter", "route", "save_adapter", "score_response",
     "set_adapter", "stack_adapters", "swap_slot", "unfuse",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from .adapter_io import Adapter, AdapterError, load_adapter, read_adapter, save_adapter, set_adapter
+    from .compiled import compile
     from .config import METHODS, ZFLoRAConfig
     from .finetune.scoring import score_response
     from .methods import count_trainable_parameters, prepare_model, random_adapter

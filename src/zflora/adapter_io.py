@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .compiled import is_frozen
 from .config import ZFLoRAConfig
 from .files import atomic_write, write_json
 from .models import head_dim, meta_model
@@ -291,6 +292,11 @@ def set_adapter(model: nn.Module, adapter: Adapter, check_base: bool = True) -> 
     extra rows/columns of each projection are written; base blocks are never touched.
     `check_base=False` skips the base weight fingerprint and function-field checks.
     """
+    if is_frozen(model):
+        raise AdapterError(
+            "this model was compiled with freeze=True: its weights are constants of the compiled code and a swap "
+            "would not be seen; compile without freeze to hot-swap adapters"
+        )
     params = adapter_parameters(model) if is_zflora(model) else {}
     for name, t in check_fits(model, adapter, check_base).items():
         params[name].copy_(t)
