@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -126,3 +127,18 @@ def test_mixed_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "mixed.png").read_bytes()[:4] == b"\x89PNG"
     text = (tmp_path / "mixed.md").read_text()
     assert "| 3 |" in text and text in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+def test_bench_compiled_smoke(tmp_path):
+    out = tmp_path / "compiled.json"
+    main(["bench", "--preset", "tiny", "--rank", "8", "--prompt-lens", "8", "--decode-context", "12",
+          "--decode-steps", "2", "--repeats", "1", "--warmup", "0", "--no-progress", "--compile",
+          "--methods", "base,zflora", "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())  # PEFT's compiled hot-swap is timed by the benchmark (slow to compile)
+    assert {r["method"] for r in result["end_to_end"]} == set(result["compile"]) == {"base", "zflora"}
+    assert all(c["graphs"] >= 1 and c["compile_s"] > 0 for c in result["compile"].values())
+    swaps = {r["method"]: r for r in result["switch"]}
+    assert set(swaps) == {"zflora"}
+    assert swaps["zflora"]["recompiles"] == 0  # the fused hot-swap never recompiles, at another alpha too
+    assert any(t["target"].startswith("zflora swaps under compile") and t["met"] for t in result["targets"])

@@ -13,6 +13,7 @@ from ..presets import PRESETS
 # `zflora bench`: every method it can run, and the headline comparison it runs by default.
 E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha")
 HEADLINE_METHODS = ("base", "lora", "zflora")
+COMPILE_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --compile`
 # `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
 SERVE_METHODS = ("base", "lora", "zflora")
 # `zflora mixed-bench`: many adapters in one batch.
@@ -71,7 +72,11 @@ class BenchConfig(ModelShape):
     full: bool = field(default=False, metadata={"help": "the full study: every method, the one-projection "
                                                         "sweep, 5 repetitions after 2 warm-up"})  # fmt: skip
     methods: tuple[str, ...] = field(default=(), metadata={"help": f"default {','.join(HEADLINE_METHODS)} "
-                                                                   f"(--full: {','.join(E2E_METHODS)})"})  # fmt: skip
+                                                                   f"(--full: {','.join(E2E_METHODS)}; --compile: "
+                                                                   f"{','.join(COMPILE_METHODS)})"})  # fmt: skip
+    compile: bool = field(default=False, metadata={"help": "every method compiled (zflora.compile); compile time and "
+                                                           "adapter swaps under compile"})  # fmt: skip
+    freeze: bool = field(default=False, metadata={"help": "with --compile: inductor weight freezing (no swaps)"})
     proj_tokens: tuple[int, ...] = (1, 16, 128, 512, 2048)
     proj_ranks: tuple[int, ...] = (8, 16, 32, 64, 128)
     proj_repeats: int = 5
@@ -87,7 +92,9 @@ class BenchConfig(ModelShape):
         if self.full:
             self.methods = self.methods or E2E_METHODS
             self.repeats, self.warmup = max(self.repeats, 5), max(self.warmup, 2)
-        self.methods = tuple(self.methods) or HEADLINE_METHODS
+        if self.freeze and not self.compile:
+            raise ValueError("freeze: only with compile")
+        self.methods = tuple(self.methods) or (COMPILE_METHODS if self.compile else HEADLINE_METHODS)
         check_common(
             self, E2E_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"),
             ("prompt_lens", "proj_tokens", "proj_ranks"),
@@ -132,13 +139,13 @@ class MixedBenchConfig(ModelShape):
     mixed-batch LoRA (`adapter_names=`) vs the base model, in Hugging Face transformers."""
 
     rank: int = 8
-    layers: int | None = field(default=4, metadata={"help": "cut the depth to N layers (recorded)"})
+    layers: int | None = field(default=2, metadata={"help": "cut the depth to N layers (recorded)"})
     adapters: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "numbers k of distinct adapters"})
     batch: int = field(default=8, metadata={"help": "requests per batch; row b goes to adapter b mod k"})
     prompt_lens: tuple[int, ...] = field(default=(128,), metadata={"help": "prefill lengths"})
     decode_context: int = field(default=256, metadata={"help": "KV-cache length for the decode steps"})
     decode_steps: int = field(default=8, metadata={"help": "timed decode steps per repetition and method"})
-    repeats: int = 3
+    repeats: int = 6
     warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
     methods: tuple[str, ...] = MIXED_METHODS
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})

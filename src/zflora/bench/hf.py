@@ -5,8 +5,10 @@ only); decode is one token with the KV cache holding `decode_context` tokens. By
 default the headline comparison (base, PEFT LoRA unmerged, fused zFLoRA) in the
 dtype the hardware runs natively; `--full` adds every method, the one-projection
 study (`projection.py`) and more repetitions. Adapter switching (`switch.py`) is
-timed for the methods present. Methods are interleaved in rotating order within
-every repetition when they fit in memory together, else measured one at a time.
+timed for the methods present. `--compile` runs every method compiled (`compiled.py`:
+compile time, and swaps under compile instead of the eager switch study). Methods are
+interleaved in rotating order within every repetition when they fit in memory
+together, else measured one at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..hardware import auto_dtype, describe_machine, environment
 from ..methods import prepare_model, random_adapter, randomize_lora
 from ..models import load_local_model, preset_config, random_model, torch_dtype
 from ..transform import adapter_parameters, fuse
-from . import projection, switch
+from . import compiled, projection, switch
 from .config import BenchConfig
 from .harness import Timer, available_bytes, model_bytes, pick_device, rotated
 from .report import Key, bar_chart, md_table, rows, target, targets_table, write_outputs
@@ -150,6 +152,7 @@ class Study:
         self.samples = {m: empty_samples(cfg) for m in cfg.methods}
         self.info: dict[str, dict[str, Any]] = {}
         self.switch: list[dict] = []
+        self.compiled: dict[str, dict[str, Any]] = {}
 
     def make_base(self) -> nn.Module:
         cfg = self.cfg
@@ -173,14 +176,27 @@ class Study:
         """Every model alive at once; each repetition visits every method in rotating order."""
         cfg = self.cfg
         models = {m: build_method(base, m, cfg, keep_base=True) for m in cfg.methods}
-        runners = {m: Runner(models[m], cfg, self.device) for m in cfg.methods}
-        for m in cfg.methods:
-            self.info[m] = describe(m, models[m])
-            runners[m].fill_context()
+        runners = {m: self.prepare(m, models[m]) for m in cfg.methods}
         for rep in range(cfg.warmup + cfg.repeats):
             for m in rotated(list(cfg.methods), rep):
                 self.measure(m, runners[m], keep=rep >= cfg.warmup)
-        self.switch = switch.switch_study(models, cfg.seed, self.timer)
+        self.swaps(models, runners)
+
+    def prepare(self, method: str, model: nn.Module) -> Runner:
+        """Describe the model, compile it (--compile; its first run of every shape is timed), fill its cache."""
+        self.info[method] = describe(method, model)
+        runner = Runner(model, self.cfg, self.device)
+        if self.cfg.compile:
+            compiled.compile_models({method: model}, self.cfg.rank, self.cfg.freeze)
+            self.compiled[method] = compiled.warm_up(runner, self.cfg.prompt_lens)
+        runner.fill_context()
+        return runner
+
+    def swaps(self, models: dict[str, nn.Module], runners: dict[str, Runner]) -> None:
+        if self.cfg.compile:
+            self.switch += compiled.swap_rows(models, runners, self.cfg, self.timer)
+        else:
+            self.switch += switch.switch_study(models, self.cfg.seed, self.timer)
 
     def one_at_a_time(self, base: nn.Module | None) -> None:
         """Models too big to live together: build, measure and free each method in turn."""
@@ -188,13 +204,11 @@ class Study:
         for m in cfg.methods:
             model = build_method(base if base is not None else self.make_base(), m, cfg, keep_base=False)
             base = None
-            self.info[m] = describe(m, model)
-            runner = Runner(model, cfg, self.device)
-            runner.fill_context()
+            runner = self.prepare(m, model)
             for rep in range(cfg.warmup + cfg.repeats):
                 self.measure(m, runner, keep=rep >= cfg.warmup)
             if m in ("zflora", "lora", "lora-merged"):
-                self.switch += switch.switch_study({m: model}, cfg.seed, self.timer)
+                self.swaps({m: model}, {m: runner})
             del model, runner
             gc.collect()
             if self.device.type == "cuda":
@@ -217,7 +231,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     study.interleaved(base) if together else study.one_at_a_time(base)
     del base
     bar.close()
-    result |= {"end_to_end": rows(study.samples), "memory": study.info, "switch": switch.with_ratios(study.switch)}
+    result |= {"end_to_end": rows(study.samples), "memory": study.info, "switch": switch.with_ratios(study.switch),
+               "compile": study.compiled}  # fmt: skip
     result["targets"] = check_targets(result, cfg.rank, config.hidden_size)
     return result
 
@@ -233,7 +248,8 @@ def check_targets(result: dict[str, Any], rank: int, d: int) -> list[dict[str, A
     bound = 1 + rank / d + 0.01
     out = [target(f"zflora {r['phase']} {r['tokens']} / base (1 + r/d + 0.01)", r["ratio_to_base"], bound)
            for r in result["end_to_end"] if r["method"] == "zflora"]  # fmt: skip
-    return out + projection.check_target(result["projection"]) + switch.check_target(result["switch"])
+    out += compiled.check_targets(result["switch"]) if result.get("compile") else switch.check_target(result["switch"])
+    return out + projection.check_target(result["projection"])
 
 
 def _label(r: dict) -> str:
@@ -258,7 +274,11 @@ def markdown(result: dict[str, Any]) -> str:
         body.append([m, *(f"{by[k]['ratio_to_base']:.3f}" for k in keys),
                      *(f"{by[k]['median_ms']:.1f} ({by[k]['p25_ms']:.1f}-{by[k]['p75_ms']:.1f})" for k in keys),
                      f"{mem['trainable_parameters']:,}", f"{mem['weights_mb']:.1f}"])  # fmt: skip
-    lines += md_table(head, body) + switch.markdown(result["switch"])
+    lines += md_table(head, body)
+    if result.get("compile"):
+        lines += compiled.markdown(result["compile"], result["switch"])
+    else:
+        lines += switch.markdown(result["switch"])
     if result["projection"]:
         lines += projection.markdown(result["projection"])
     return "\n".join(lines + targets_table(result["targets"])) + "\n"
