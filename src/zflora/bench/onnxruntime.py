@@ -1,0 +1,177 @@
+"""`zflora bench --engine onnxruntime`: base vs unmerged LoRA vs fused zFLoRA exported to ONNX and run in
+ONNX Runtime (CPU execution provider), in fp32 and with ONNX Runtime's dynamic int8 quantization.
+
+Each method is exported with `zflora.export.onnx` (the same graph signature for all;
+logits of the last position only, as `zflora bench` reads them),
+then, for int8, folded (`quant_pre_process`) and quantized (`quantize_dynamic`, int8
+MatMul weights: the precision NPUs run). Prefill is the prompt with an empty past;
+decode is one token after
+`decode_context` cached tokens (the same past every step). Methods in rotating order
+within each repetition; ratios to base of the same precision, from one run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import check_alpha
+from ..hardware import describe_machine, environment
+from ..models import preset_config, random_model
+from .config import BenchConfig
+from .harness import Timer, rotated
+from .hf import _label, build_method
+from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
+
+
+def quantize(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantization of every MatMul weight, after folding the graph's constant
+    subgraphs (the weights' Transpose, zFLoRA's Concat) into initializers it can quantize."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    dst.mkdir(parents=True, exist_ok=True)
+    folded = dst / "folded.onnx"
+    quant_pre_process(str(src / "model.onnx"), str(folded), skip_symbolic_shape=True, save_as_external_data=True,
+                      all_tensors_to_one_file=True, external_data_location="folded.onnx.data")  # fmt: skip
+    quantize_dynamic(folded, dst / "model.onnx", weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     use_external_data_format=True)  # fmt: skip
+    for f in dst.glob("folded.onnx*"):
+        f.unlink()
+    return dst
+
+
+class OrtRunner:
+    """Prefill and decode feeds for one session; the decode past comes from a real prefill."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], cfg: BenchConfig, threads: int) -> None:
+        import onnxruntime as ort
+
+        from ..export.onnx import feeds
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        g = np.random.default_rng(cfg.seed)
+        longest = max(*cfg.prompt_lens, cfg.decode_context)
+        ids = g.integers(3, manifest["vocab_size"], (cfg.batch, longest + 1))
+        self.prefills = {n: feeds(manifest, ids[:, :n], None, 0) for n in cfg.prompt_lens}
+        _, *past = self.session.run(None, feeds(manifest, ids[:, : cfg.decode_context], None, 0))
+        self.decode = feeds(manifest, ids[:, -1:], past, cfg.decode_context)
+
+    def prefill(self, n: int) -> None:
+        self.session.run(None, self.prefills[n])
+
+    def decode_step(self) -> None:
+        self.session.run(None, self.decode)
+
+
+def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> dict[str, Path]:
+    from ..export.onnx import export
+
+    paths = {}
+    for m in cfg.methods:
+        model = build_method(base, m, cfg, keep_base=True)
+        paths[m] = export(model, root / m, method=m, last_logits=True)
+        del model
+    return paths
+
+
+@torch.no_grad()
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    from ..export.onnx import read_manifest
+
+    threads = cfg.threads or torch.get_num_threads()
+    base = random_model(preset_config(cfg.preset, cfg.layers), torch.float32, "cpu", cfg.seed)
+    settings = asdict(cfg) | {"dtype": "fp32", "layers": base.config.num_hidden_layers, "engine": "onnxruntime",
+                              "hidden_size": base.config.hidden_size, "alpha": check_alpha(cfg.alpha, cfg.rank),
+                              "logits": "last position"}  # fmt: skip
+    timer, results, sizes = Timer(torch.device("cpu")), [], {}
+    with tempfile.TemporaryDirectory(prefix="zflora-onnx-") as tmp:
+        paths = {("fp32", m): p for m, p in export_all(cfg, base, Path(tmp)).items()}
+        del base
+        for m in cfg.methods:
+            if "int8" in cfg.precisions:
+                paths["int8", m] = quantize(paths["fp32", m], Path(tmp) / f"{m}-int8")
+        sizes = {f"{p}/{m}": sum(f.stat().st_size for f in path.iterdir()) / 2**20 for (p, m), path in paths.items()}
+        for precision in cfg.precisions:
+            manifest = read_manifest(paths["fp32", cfg.methods[0]])
+            runners = {m: OrtRunner(paths[precision, m], manifest, cfg, threads) for m in cfg.methods}
+            samples = {m: {("prefill", n, cfg.batch): [] for n in cfg.prompt_lens} | {
+                ("decode", cfg.decode_context, cfg.batch): []} for m in cfg.methods}  # fmt: skip
+            bar = tqdm(total=cfg.warmup + cfg.repeats, disable=not cfg.progress, desc=f"onnxruntime {precision}")
+            for rep in range(cfg.warmup + cfg.repeats):
+                for m in rotated(list(cfg.methods), rep):
+                    _round(runners[m], timer, cfg, samples[m] if rep >= cfg.warmup else None)
+                bar.update(1)
+            bar.close()
+            results += [r | {"precision": precision} for r in rows(samples)]
+            del runners
+    env = environment(torch.device("cpu"), "fp32") | {"onnxruntime": _ort_version()}
+    result = {"environment": env, "settings": settings, "end_to_end": results, "model_mb": sizes}
+    result["targets"] = check_targets(results, cfg.rank, settings["hidden_size"])
+    return result
+
+
+def _round(runner: OrtRunner, timer: Timer, cfg: BenchConfig, out: dict | None) -> None:
+    for n in cfg.prompt_lens:
+        t = timer(lambda n=n: runner.prefill(n))
+        if out is not None:
+            out["prefill", n, cfg.batch].append(t)
+    for _ in range(cfg.decode_steps):
+        t = timer(runner.decode_step)
+        if out is not None:
+            out["decode", cfg.decode_context, cfg.batch].append(t)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def check_targets(result_rows: list[dict[str, Any]], rank: int, d: int) -> list[dict[str, Any]]:
+    """zFLoRA within r/d + 2 points of base in ONNX Runtime, per precision, LoRA's ratio beside it."""
+    lora = {(r["precision"], r["phase"], r["tokens"]): r["ratio_to_base"] for r in result_rows if r["method"] == "lora"}
+    bound = 1 + rank / d + 0.02
+    return [target(f"zflora {r['precision']} {_label(r)} / base (1 + r/d + 0.02)", r["ratio_to_base"], bound,
+                   **({"note": f"lora {lora[key]:.3f}"} if (key := (r["precision"], r["phase"], r["tokens"])) in lora
+                      else {}))
+            for r in result_rows if r["method"] == "zflora"]  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, st, res = result["environment"], result["settings"], result["end_to_end"]
+    lines = [f"**{st['preset']}** shape in ONNX Runtime {env['onnxruntime']} (CPU execution provider), "
+             f"{st['layers']} layers, d = {st['hidden_size']}, r = {st['rank']}, batch {st['batch']}; "
+             f"{describe_machine(env)}; median of {st['repeats']} repetitions after {st['warmup']} warm-up",
+             ""]  # fmt: skip
+    keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in res))
+    head = ["precision", "method", *(f"{_label({'phase': p, 'tokens': t})} (x base)" for p, t in keys),
+            *(f"{_label({'phase': p, 'tokens': t})} ms" for p, t in keys), "model MB"]  # fmt: skip
+    by = {(r["precision"], r["method"], r["phase"], r["tokens"]): r for r in res}
+    body = [[prec, m, *(f"{by[prec, m, p, t]['ratio_to_base']:.3f}" for p, t in keys),
+             *(f"{by[prec, m, p, t]['median_ms']:.1f}" for p, t in keys), f"{result['model_mb'][f'{prec}/{m}']:.0f}"]
+            for prec in st["precisions"] for m in st["methods"]]  # fmt: skip
+    return "\n".join(lines + md_table(head, body) + targets_table(result["targets"])) + "\n"
+
+
+def chart(result: dict[str, Any], path: Any) -> None:
+    from ..charts import figure, save_figure
+
+    precisions = result["settings"]["precisions"]
+    fig, axes = figure(len(precisions), 6 * len(precisions))
+    for ax, prec in zip(axes, precisions, strict=True):
+        bar_chart(ax, [r for r in result["end_to_end"] if r["precision"] == prec], _label)
+        ax.set_title(f"ONNX Runtime {prec}, {result['settings']['preset']} ({result['settings']['layers']} layers)")
+    fig.suptitle(describe_machine(result["environment"]), fontsize=8)
+    save_figure(fig, path)
+
+
+def main(cfg: BenchConfig) -> None:
+    print(write_outputs(run(cfg), cfg, markdown, chart))

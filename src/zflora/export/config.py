@@ -1,0 +1,27 @@
+"""`zflora export`'s options (light: the command line builds its flags from this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ExportConfig:
+    """Export to ONNX (base, zFLoRA fused, or PEFT LoRA unmerged), or swap an exported model's adapter."""
+
+    action: str = field(metadata={"positional": True, "choices": ("onnx", "swap"),
+                                  "help": "onnx: export --model [--adapter] to --output; swap: put --adapter into "
+                                          "the export at --output, rewriting only its adapter file"})  # fmt: skip
+    output: Path = field(metadata={"help": "the export directory (model.onnx, model.onnx.data, adapter.onnx.data)"})
+    model: Path | None = field(default=None, metadata={"help": "checkpoint dir or fetched name (onnx)"})
+    adapter: Path | None = field(default=None, metadata={"help": "a zFLoRA adapter (fused export) or a PEFT LoRA "
+                                                                 "adapter (unmerged export) directory"})  # fmt: skip
+    check_base: bool = field(default=True, metadata={"help": "check the adapter's base fingerprint"})
+    last_logits: bool = field(default=False, metadata={"help": "logits of the last position only (generation)"})
+
+    def __post_init__(self) -> None:
+        if self.action == "onnx" and self.model is None:
+            raise ValueError("model: `zflora export onnx` needs --model DIR")
+        if self.action == "swap" and self.adapter is None:
+            raise ValueError("adapter: `zflora export swap` needs --adapter DIR")
