@@ -39,9 +39,10 @@ def warm_up(runner: Any, lengths: tuple[int, ...]) -> dict[str, Any]:
     for n in lengths:
         runner.prefill(n)
     runner.fill_context()
-    for _ in range(2):  # the second decode step meets a longer cache: a dynamic graph, if one is needed
-        runner.decode_step()
-    runner.rewind()
+    for _ in range(2):  # as the timed rounds go: decode on a fresh cache, a longer one, then a cropped one
+        for _ in range(2):
+            runner.decode_step()
+        runner.rewind()
     return {"compile_s": time.perf_counter() - started, "graphs": compile_count() - before}
 
 
