@@ -13,6 +13,9 @@ What does recompile or is refused:
   refuses it before writing anything (stack a fresh model and compile that);
 - `lm_head=True` keeps the LM head unfused and reads the scale there: an adapter with
   another alpha recompiles that graph once;
+- dynamo keeps 8 graphs per code object by default, and every model of a class shares
+  its forward's: `compile` raises that limit to 64, so a few models compiled in one
+  process (a benchmark) do not fall back to eager without a word;
 - `freeze=True` (inductor freezing) folds the weights into constants and prepacks them:
   faster on some CPUs, but a write into the weights would not be seen, so `set_adapter`
   refuses a frozen model. We chose swappable (no freezing) by default.
@@ -24,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+RECOMPILE_LIMIT = 64  # graphs per code object (dynamo's default: 8)
 
 
 def compile(  # noqa: A001 - the name users look for, as torch.compile
@@ -42,6 +47,10 @@ def compile(  # noqa: A001 - the name users look for, as torch.compile
     if freeze:
         options = {**(torch._inductor.list_mode_options(mode) if mode else {}), "freezing": True}
         mode = None  # torch.compile takes a mode or options, not both: the mode's options are merged above
+    # Every model of one class shares its forward's code object, and dynamo keeps 8 graphs per code object
+    # by default: the ninth (a second model compiled in the same process, say) would silently run eager.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     model.forward = torch.compile(model.forward, mode=mode, dynamic=dynamic, options=options)
     model.zflora_compiled = {"freeze": freeze, "mode": mode, "dynamic": dynamic}
     return model

@@ -30,7 +30,7 @@ from .config import INPUT_PROJECTIONS, ZFLoRAConfig
 from .fusion import Kind, adapter_block, block_of, fused_bias, fused_gain, routed_gain, stacked_weight
 from .models import meta_model
 from .modules import FusedRMSNorm, HiddenReadLinear, ZFLoRAEmbedding
-from .transform import LAYER_NORMS, PROJECTION_PATHS, _check_supported, apply_zflora
+from .transform import LAYER_NORMS, PROJECTION_PATHS, _check_supported, apply_zflora, install
 
 AdapterLike = Adapter | str | os.PathLike
 
@@ -186,13 +186,7 @@ def stack_adapters(model: nn.Module, adapters: Sequence[AdapterLike], check_base
     else:
         head = HiddenReadLinear(model.lm_head)  # reads n_h: a tied head stays tied
     swaps.append((model, "lm_head", head))
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for parent, attr, new in swaps:
-        setattr(parent, attr, new)
-    model.zflora_stack = stack
-    return model
+    return install(model, swaps, "zflora_stack", stack)
 
 
 @torch.no_grad()

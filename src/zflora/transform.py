@@ -112,12 +112,17 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
             swaps.append((parent, attr, new))
     head = ZFLoRALinear(model.lm_head, "in", config, True) if config.lm_head else HiddenReadLinear(model.lm_head)
     swaps.append((model, "lm_head", head))
+    return install(model, swaps, "zflora_config", config)
 
+
+def install(model: nn.Module, swaps: list[tuple[nn.Module, str, nn.Module]], name: str, value: object) -> nn.Module:
+    """The last step of a surgery built in full beforehand: freeze the base, swap every module in, and
+    mark the model (`model.<name> = value`). Nothing in here can fail half-way on a bad input."""
     for p in model.parameters():
         p.requires_grad_(False)
     for parent, attr, new in swaps:
         setattr(parent, attr, new)
-    model.zflora_config = config
+    setattr(model, name, value)
     return model
 
 

@@ -128,7 +128,18 @@ class BenchConfig(ModelShape):
 
 
 @dataclass
-class ServeBenchConfig(ModelShape):
+class Outputs:
+    """What a benchmark writes (each optional, atomically) and how it runs: seed, progress bar."""
+
+    seed: int = 0
+    json_path: Path | None = field(default=None, metadata={"flag": "json"})
+    chart_path: Path | None = field(default=None, metadata={"flag": "chart"})
+    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown"})
+    progress: bool = True
+
+
+@dataclass
+class ServeBenchConfig(Outputs, ModelShape):
     """`zflora serve-bench`: base vs vLLM LoRA vs the zFLoRA plugin, in one vLLM build."""
 
     targets: str = field(default="all", metadata={"help": "projections, the same for LoRA and zFLoRA",
@@ -142,11 +153,6 @@ class ServeBenchConfig(ModelShape):
     methods: tuple[str, ...] = SERVE_METHODS
     enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile / CUDA graphs (all methods)"})
     workdir: Path | None = field(default=None, metadata={"help": "where to write the checkpoint and adapters"})
-    seed: int = 0
-    json_path: Path | None = field(default=None, metadata={"flag": "json"})
-    chart_path: Path | None = field(default=None, metadata={"flag": "chart"})
-    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown"})
-    progress: bool = True
 
     def __post_init__(self) -> None:
         check_common(self, SERVE_METHODS, ("rank", "decode_tokens", "batch_tokens", "repeats"),
@@ -156,7 +162,7 @@ class ServeBenchConfig(ModelShape):
 
 
 @dataclass
-class MixedBenchConfig(ModelShape):
+class MixedBenchConfig(Outputs, ModelShape):
     """`zflora mixed-bench`: one batch of requests for k different adapters; stacked zFLoRA vs PEFT's
     mixed-batch LoRA (`adapter_names=`) vs the base model, in Hugging Face transformers."""
 
@@ -171,11 +177,6 @@ class MixedBenchConfig(ModelShape):
     warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
     methods: tuple[str, ...] = MIXED_METHODS
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
-    seed: int = 0
-    json_path: Path | None = field(default=None, metadata={"flag": "json"})
-    chart_path: Path | None = field(default=None, metadata={"flag": "chart"})
-    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown"})
-    progress: bool = True
 
     def __post_init__(self) -> None:
         check_common(self, MIXED_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats"),

@@ -13,6 +13,7 @@ within each repetition; ratios to base of the same precision, from one run.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -71,15 +72,28 @@ class OrtRunner:
         self.session.run(None, self.decode)
 
 
-def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> dict[str, Path]:
-    from ..export.onnx import export
+def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dict[str, Path], list[dict]]:
+    """Every method exported; for zflora, a swap to another adapter timed against its full export."""
+    from ..adapter_io import save_adapter, set_adapter
+    from ..export.onnx import ADAPTER, export, swap
+    from ..methods import random_adapter
 
-    paths = {}
+    paths, swaps = {}, []
     for m in cfg.methods:
         model = build_method(base, m, cfg, keep_base=True)
+        started = time.perf_counter()
         paths[m] = export(model, root / m, method=m, last_logits=True)
+        export_s = time.perf_counter() - started
+        if m == "zflora":
+            other = save_adapter(set_adapter(model, random_adapter(model, cfg.seed + 9)), root / "other-adapter")
+            done = swap(paths[m], other)
+            total = sum(f.stat().st_size for f in paths[m].iterdir())
+            swaps += [{"operation": "zflora export swap (adapter.onnx.data only)", **done},
+                      {"operation": "full re-export", "bytes_written": total, "seconds": export_s},
+                      {"operation": "adapter file / whole export", "bytes_written": (paths[m] / ADAPTER).stat().st_size,
+                       "fraction": (paths[m] / ADAPTER).stat().st_size / total}]  # fmt: skip
         del model
-    return paths
+    return paths, swaps
 
 
 @torch.no_grad()
@@ -93,7 +107,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                               "logits": "last position"}  # fmt: skip
     timer, results, sizes = Timer(torch.device("cpu")), [], {}
     with tempfile.TemporaryDirectory(prefix="zflora-onnx-") as tmp:
-        paths = {("fp32", m): p for m, p in export_all(cfg, base, Path(tmp)).items()}
+        exported, swaps = export_all(cfg, base, Path(tmp))
+        paths = {("fp32", m): p for m, p in exported.items()}
         del base
         for m in cfg.methods:
             if "int8" in cfg.precisions:
@@ -113,7 +128,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             results += [r | {"precision": precision} for r in rows(samples)]
             del runners
     env = environment(torch.device("cpu"), "fp32") | {"onnxruntime": _ort_version()}
-    result = {"environment": env, "settings": settings, "end_to_end": results, "model_mb": sizes}
+    result = {"environment": env, "settings": settings, "end_to_end": results, "model_mb": sizes, "swap": swaps}
     result["targets"] = check_targets(results, cfg.rank, settings["hidden_size"])
     return result
 
@@ -158,7 +173,16 @@ def markdown(result: dict[str, Any]) -> str:
     body = [[prec, m, *(f"{by[prec, m, p, t]['ratio_to_base']:.3f}" for p, t in keys),
              *(f"{by[prec, m, p, t]['median_ms']:.1f}" for p, t in keys), f"{result['model_mb'][f'{prec}/{m}']:.0f}"]
             for prec in st["precisions"] for m in st["methods"]]  # fmt: skip
-    return "\n".join(lines + md_table(head, body) + targets_table(result["targets"])) + "\n"
+    swap = [
+        [
+            r["operation"],
+            f"{r['bytes_written'] / 2**20:.2f} MB",
+            f"{r['seconds']:.2f} s" if "seconds" in r else f"{100 * r['fraction']:.2f}%",
+        ]
+        for r in result["swap"]
+    ]
+    swap_lines = ["", *md_table(["adapter swap", "written", "time"], swap)] if swap else []
+    return "\n".join(lines + md_table(head, body) + swap_lines + targets_table(result["targets"])) + "\n"
 
 
 def chart(result: dict[str, Any], path: Any) -> None:
