@@ -13,9 +13,8 @@ from conftest import tiny_model
 
 import zflora
 from zflora.adapter_io import AdapterError
-from zflora.bench.hf import cache_kwarg
 from zflora.methods import randomize_lora
-from zflora.models import load_local_model
+from zflora.models import cache_kwarg, load_local_model
 
 ort = pytest.importorskip("onnxruntime")
 from zflora.export import onnx as zonnx  # noqa: E402 - after the skip

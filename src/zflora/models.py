@@ -6,6 +6,7 @@ Latency does not depend on weight values, so benchmarks build the preset shapes
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,11 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier). A name the model does not know is swallowed by its **kwargs, and
+    decode would silently run without its context."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import inspect
 from dataclasses import asdict
 from typing import Any
 
@@ -28,7 +27,7 @@ from ..charts import figure, save_figure
 from ..config import check_alpha
 from ..hardware import auto_dtype, describe_machine, environment
 from ..methods import prepare_model, random_adapter, randomize_lora
-from ..models import load_local_model, preset_config, random_model, torch_dtype
+from ..models import cache_kwarg, load_local_model, preset_config, random_model, torch_dtype
 from ..transform import adapter_parameters, fuse
 from . import compiled, projection, switch
 from .config import BenchConfig
@@ -73,14 +72,6 @@ def _inference_state(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The keyword the model's forward takes its KV cache by: `cache` (transformers >= 5.24) or
-    `past_key_values` (earlier). A name the model does not know is swallowed by its **kwargs, and
-    decode would silently run without its context."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 class Runner:

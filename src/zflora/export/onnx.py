@@ -39,7 +39,7 @@ from torch import nn
 from ..adapter_io import AdapterError, base_identity, check_fits, check_same_base, read_adapter
 from ..files import atomic_write, write_json
 from ..fusion import Kind, adapter_block, block_of
-from ..models import head_dim, meta_model
+from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
 from ..transform import apply_zflora, fuse, is_zflora
 
@@ -94,8 +94,6 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: ANN001, ANN201 - traced
         from transformers import DynamicCache
-
-        from ..bench.hf import cache_kwarg
 
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
