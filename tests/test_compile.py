@@ -79,3 +79,23 @@ def test_what_cannot_be_swapped_is_refused(setup, ids) -> None:
     with pytest.raises(ValueError, match="already compiled"):
         zflora.compile(model)
     assert compile_count() == compiled
+
+
+def test_eval_compiled_gives_the_eager_responses(stories_path, tmp_path) -> None:
+    import json
+
+    from zflora.cli import main
+    from zflora.finetune.tasks import make_task
+    from zflora.models import load_local_model
+
+    data = tmp_path / "math.json"
+    data.write_text(json.dumps(make_task("story-math", 2, seed=0)))
+    model = zflora.apply_zflora(load_local_model(stories_path), zflora.ZFLoRAConfig(r=4))
+    adapter = zflora.save_adapter(zflora.set_adapter(model, zflora.random_adapter(model, 1, std=0.05)), tmp_path / "a")
+    responses = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / f"{mode}.json"
+        main(["eval", "--model", str(stories_path), "--adapter", str(adapter), "--data", str(data), "--output",
+              str(out), "--max-new-tokens", "4", *(["--compile"] if mode == "compiled" else [])])  # fmt: skip
+        responses[mode] = [json.loads(line)["response"] for line in out.with_suffix(".responses.jsonl").open()]
+    assert responses["compiled"] == responses["eager"] and len(responses["eager"]) == 2

@@ -86,6 +86,7 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int | None = field(default=None, metadata={"help": "default by kind: 32 label, 96 number, "
                                                                        "64 summary"})  # fmt: skip
+    compile: bool = field(default=False, metadata={"help": "generate with the model compiled (zflora.compile)"})
 
     def __post_init__(self) -> None:
         if self.responses is None and not self.data:

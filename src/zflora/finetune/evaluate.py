@@ -177,6 +177,10 @@ def run(cfg: EvalConfig, dtype: torch.dtype = torch.float32) -> dict[str, dict[s
             task_kind(name, examples)  # before the model is even loaded
         tokenizer = load_tokenizer(cfg.model)
         model = load_for_eval(cfg.model, cfg.adapter, dtype)
+        if cfg.compile:
+            from ..compiled import compile
+
+            compile(model, dynamic=True)  # prompts and the cache change length: one dynamic graph, not one each
         results, saved = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size, cfg.max_new_tokens, progress=True)
         if cfg.output is not None:
             write_text(cfg.output.with_suffix(".responses.jsonl"), "".join(json.dumps(s) + "\n" for s in saved))
