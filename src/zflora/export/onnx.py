@@ -229,9 +229,9 @@ def read_manifest(output: str | os.PathLike) -> dict[str, Any]:
 
 
 def adapter_arrays(manifest: dict[str, Any], adapter_dir: str | os.PathLike, check_base: bool = True
-                   ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Another adapter's blocks for an exported zFLoRA graph, by initializer name, checked first: the same base,
-    the same rank, targets, LM head and input expansion (alpha may differ; the scale is folded in)."""
+                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
+    """Another adapter's blocks for an exported zFLoRA graph, by initializer name, and its config, checked
+    first: the same base, rank, targets, LM head and input expansion (alpha may differ; the scale is folded in)."""
     from ..config import ZFLoRAConfig
 
     info = manifest.get("adapter")
@@ -254,7 +254,7 @@ def adapter_arrays(manifest: dict[str, Any], adapter_dir: str | os.PathLike, che
         if tuple(block.shape) != shape or not torch.isfinite(block).all():
             raise AdapterError(f"{adapter_dir}: {source} does not give a finite {shape} block in {dtype}")
         arrays[init] = block.contiguous().numpy()
-    return arrays
+    return arrays, cfg.to_dict()
 
 
 def swap(output: str | os.PathLike, adapter_dir: str | os.PathLike, check_base: bool = True) -> dict[str, Any]:
@@ -265,7 +265,7 @@ def swap(output: str | os.PathLike, adapter_dir: str | os.PathLike, check_base: 
 
     out, started = Path(output), time.perf_counter()
     manifest = read_manifest(out)
-    arrays = adapter_arrays(manifest, adapter_dir, check_base)
+    arrays, config = adapter_arrays(manifest, adapter_dir, check_base)
     proto = onnx.load(str(out / GRAPH), load_external_data=False)
     slots = {t.name: ExternalDataInfo(t) for t in proto.graph.initializer if t.name in arrays}
     size = max(s.offset + s.length for s in slots.values())
@@ -276,8 +276,7 @@ def swap(output: str | os.PathLike, adapter_dir: str | os.PathLike, check_base: 
             raise AdapterError(f"{adapter_dir}: {name} is {len(raw)} bytes, the graph expects {info.length}")
         data[info.offset : info.offset + info.length] = raw
     atomic_write(out / ADAPTER, lambda tmp: Path(tmp).write_bytes(bytes(data)))
-    manifest["adapter"] |= {"source": str(adapter_dir), "sha256": hashlib.sha256(data).hexdigest(),
-                            "config": read_adapter(adapter_dir).config.to_dict()}  # fmt: skip
+    manifest["adapter"] |= {"source": str(adapter_dir), "sha256": hashlib.sha256(data).hexdigest(), "config": config}
     write_json(out / MANIFEST, manifest, indent=2)
     return {"bytes_written": len(data), "seconds": time.perf_counter() - started}
 
@@ -299,7 +298,7 @@ def session(output: str | os.PathLike, adapter: str | os.PathLike | None = None,
     options = options or ort.SessionOptions()
     values: list[Any] = []
     if adapter is not None:
-        arrays = adapter_arrays(manifest, adapter)
+        arrays, _ = adapter_arrays(manifest, adapter)
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]  # views of the arrays, not copies
         options.add_external_initializers(list(arrays), values)
     sess = ort.InferenceSession(str(out / GRAPH), options, providers=providers or ["CPUExecutionProvider"])
