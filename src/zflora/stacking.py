@@ -30,7 +30,7 @@ from .config import INPUT_PROJECTIONS, ZFLoRAConfig
 from .fusion import Kind, adapter_block, block_of, fused_bias, fused_gain, routed_gain, stacked_weight
 from .models import meta_model
 from .modules import FusedRMSNorm, HiddenReadLinear, ZFLoRAEmbedding
-from .transform import LAYER_NORMS, PROJECTION_PATHS, _check_supported, apply_zflora, install
+from .transform import LAYER_NORMS, _check_supported, apply_zflora, install, layer_projections
 
 AdapterLike = Adapter | str | os.PathLike
 
@@ -123,19 +123,19 @@ def _block(kind: Kind, like: torch.Tensor, adapter: Adapter, tensor: str) -> tor
     """One adapter's block from its tensor `tensor` (zeros when it has none), in the model's dtype;
     refused if it overflows there. The expansion A_in is an "out" block of the embedding (r, d)."""
     cfg = adapter.config
-    block = adapter_block(kind, like, adapter.tensors.get(tensor), cfg.scaling, cfg.r)
+    return _finite(adapter_block(kind, like, adapter.tensors.get(tensor), cfg.scaling, cfg.r), adapter, tensor)
+
+
+def _finite(block: torch.Tensor, adapter: Adapter, tensor: str) -> torch.Tensor:
     if not torch.isfinite(block).all():
-        raise AdapterError(f"{adapter.source or 'adapter'}: {tensor} is not finite in the model's dtype {like.dtype}")
+        raise AdapterError(f"{adapter.source or 'adapter'}: {tensor} is not finite in the model's dtype {block.dtype}")
     return block
 
 
 def _projections(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Kind]]:
     """(qualified name, parent, attribute, kind) of every layer projection."""
-    for i, layer in enumerate(model.model.layers):
-        for proj, path in PROJECTION_PATHS.items():
-            parent_path, attr = path.split(".")
-            kind: Kind = "in" if proj in INPUT_PROJECTIONS else "out"
-            yield f"model.layers.{i}.{path}", layer.get_submodule(parent_path), attr, kind
+    for name, proj, parent, attr in layer_projections(model):
+        yield name, parent, attr, "in" if proj in INPUT_PROJECTIONS else "out"
 
 
 # --------------------------------------------------------------------------- API
@@ -163,9 +163,10 @@ def stack_adapters(model: nn.Module, adapters: Sequence[AdapterLike], check_base
     width = start - d
 
     def weight(kind: Kind, base: torch.Tensor, module: str) -> torch.Tensor:
-        w = stacked_weight(kind, base, [(None, 1.0, a.config.r) for a in read])
+        tensor = _tensor(module, kind)
+        w = stacked_weight(kind, base, [(a.tensors.get(tensor), a.config.scaling, a.config.r) for a in read])
         for a, slot in zip(read, stack.slots, strict=True):
-            block_of(kind, w, a.config.r, slot.start).copy_(_block(kind, w, a, _tensor(module, kind)))
+            _finite(block_of(kind, w, a.config.r, slot.start), a, tensor)
         return w
 
     # Build every replacement first, then swap: nothing is half-done on failure.

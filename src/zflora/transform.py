@@ -75,6 +75,14 @@ def _check_supported(model: nn.Module) -> None:
             expect(layer.get_submodule(path), f"model.layers.{i}.{path}", nn.Linear)
 
 
+def layer_projections(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, str]]:
+    """(qualified name, projection name, parent module, attribute) of the seven projections of every layer."""
+    for i, layer in enumerate(model.model.layers):
+        for proj, path in PROJECTION_PATHS.items():
+            parent_path, attr = path.split(".")
+            yield f"model.layers.{i}.{path}", proj, layer.get_submodule(parent_path), attr
+
+
 def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
     """Give `model` a zFLoRA adapter, in place, in the training form; freeze the base.
 
@@ -100,16 +108,14 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
     ]
     for layer in inner.layers:
         swaps += [(layer, norm, stream_norm(getattr(layer, norm))) for norm in LAYER_NORMS]
-        for proj, path in PROJECTION_PATHS.items():
-            parent_path, attr = path.split(".")
-            parent = layer.get_submodule(parent_path)
-            base = getattr(parent, attr)
-            targeted = proj in config.target_modules
-            if proj in INPUT_PROJECTIONS and not targeted:
-                new: nn.Module = HiddenReadLinear(base)
-            else:
-                new = ZFLoRALinear(base, "in" if proj in INPUT_PROJECTIONS else "out", config, targeted)
-            swaps.append((parent, attr, new))
+    for _, proj, parent, attr in layer_projections(model):
+        base = getattr(parent, attr)
+        targeted = proj in config.target_modules
+        if proj in INPUT_PROJECTIONS and not targeted:
+            new: nn.Module = HiddenReadLinear(base)
+        else:
+            new = ZFLoRALinear(base, "in" if proj in INPUT_PROJECTIONS else "out", config, targeted)
+        swaps.append((parent, attr, new))
     head = ZFLoRALinear(model.lm_head, "in", config, True) if config.lm_head else HiddenReadLinear(model.lm_head)
     swaps.append((model, "lm_head", head))
     return install(model, swaps, "zflora_config", config)
