@@ -1,42 +1,210 @@
-"""`zflora accuracy` end to end on stories260K with the real task files, in a quick configuration: the
-report's shape, chance per task, the learning-rate sweep, and a rerun that trains nothing again."""
+"""`zflora accuracy`: option parsing on every task file, likelihood scoring against a hand computation (and
+lm-evaluation-harness where installed), the paired bootstrap, and a study on stories260K that resumes from its
+finished runs, re-runs a tampered one, refuses other settings and a dtype the CPU cannot run natively."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 from conftest import SHARED
 
 from zflora.finetune import accuracy
+from zflora.finetune.accuracy_report import collect, sha256
+from zflora.finetune.cloze import parse, to_cloze
 from zflora.finetune.config import AccuracyConfig
+from zflora.finetune.data import DataError, load_records
+from zflora.finetune.likelihood import encode_pair, loglikelihoods, score_clozes
+from zflora.finetune.stats import paired_bootstrap
+from zflora.models import load_local_model, load_tokenizer
+
+DATA = SHARED / "data"
+COMMONSENSE = sorted(DATA.glob("commonsense/*/*.json"))
+needs_data = pytest.mark.skipif(not COMMONSENSE, reason=f"real data not available at {DATA}")
 
 
-def test_quick_study_reports_and_resumes(stories_path, tmp_path, monkeypatch):
-    data = SHARED / "data"
-    if not (data / "commonsense").is_dir():
-        pytest.skip(f"real data not available at {data}")
-    cfg = AccuracyConfig(model=stories_path, data=data, output=tmp_path / "acc", categories=("commonsense",),
-                         methods=("base", "lora", "zflora", "zflora-matched"), seeds=1, steps=2, sweep_steps=1,
-                         lrs=(1e-3, 3e-3), n_train=40, n_test=(2, 2, 2), eval_batch_size=8,
-                         progress=False)  # fmt: skip
+@needs_data
+@pytest.mark.parametrize("path", COMMONSENSE, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_record_of_every_task_file_parses(path):
+    for i, record in enumerate(load_records(path)):
+        question, options, gold = parse(record, f"{path}: record {i}")
+        words = record["instruction"].rsplit("Answer format:", 1)[1].strip().split("/")
+        assert len(options) == len(words) and 0 <= gold < len(options) and question
+        assert all(o.strip() and "Answer format" not in o for o in options)
+        cloze = to_cloze(record)
+        assert len(cloze.contexts) == len(cloze.continuations) == len(cloze.choices) == len(options)
+
+
+def test_cloze_forms_follow_the_harness():
+    arc = {"instruction": "Please choose the correct answer to the question: Which is a gas?\n\nAnswer1: ice "
+           "Answer2: steam\n\nAnswer format: answer1/answer2", "answer": "answer2"}  # fmt: skip
+    c = to_cloze(arc)
+    assert c.contexts == ("Question: Which is a gas?\nAnswer:",) * 2 and c.continuations == (" ice", " steam")
+    assert c.gold == 1 and c.example(arc).target == " steam"
+    boolq = {"instruction": "Please answer the following question with true or false, question: is ice cold"
+             "\n\nAnswer format: true/false", "answer": "true"}  # fmt: skip
+    assert to_cloze(boolq).contexts[0] == "Question: is ice cold?\nAnswer:" and to_cloze(boolq).choices[0] == "yes"
+    wino = {"instruction": "Please choose the correct answer to fill in the blank to complete the given sentence: "
+            "Ann lent Bo a pen because _ had two.\n\nOption1: Ann Option2: Bo Answer format: option1/option2",
+            "answer": "option1"}  # fmt: skip
+    w = to_cloze(wino)
+    assert w.contexts == ("Ann lent Bo a pen because Ann", "Ann lent Bo a pen because Bo")
+    assert w.continuations == (" had two.", " had two.") and w.gold == 0
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"instruction": "Please choose the correct answer to the question: Q?\n\nAnswer1: a Answer3: c\n\n"
+         "Answer format: answer1/answer2", "answer": "answer1"},  # a gap in the numbering
+        {"instruction": "Please choose the correct answer to the question: Q?\n\nAnswer1: a Answer2: b", "answer": "a"},
+        {"instruction": "Please choose the correct answer to the question: Q?\n\nAnswer1: a Answer2: b\n\n"
+         "Answer format: answer1/answer2", "answer": "answer3"},  # gold not among the options
+        {"instruction": "Please choose the correct answer to the question: \n\nAnswer1: a Answer2: b\n\n"
+         "Answer format: answer1/answer2", "answer": "answer1"},  # no question
+    ],
+)  # fmt: skip
+def test_malformed_records_are_refused_by_name(record):
+    with pytest.raises(DataError, match="task.json: record 7"):
+        parse(record, "task.json: record 7")
+
+
+def test_loglikelihoods_equal_a_hand_computation(stories_path):
+    """Each pair's log-likelihood equals the sum of log-softmax over the continuation in a plain forward of the
+    whole sequence (one sequence at a time, no padding, full logits), and acc / acc_norm follow from them."""
+    model, tok = load_local_model(stories_path), load_tokenizer(stories_path)
+    records = [[("Tom had a red ball.", " He played"), ("Tom had a red ball.", " The sky was green and")],
+               [("Lily went", " to the park"), ("Lily went", " home"), ("Lily went", "xyz qq")]]  # fmt: skip
+    got = loglikelihoods(model, tok, records, max_rows=3)  # two batches: padding and batching both exercised
+    for pairs, scores in zip(records, got, strict=True):
+        for (context, continuation), (ll, greedy) in zip(pairs, scores, strict=True):
+            ctx, cont = encode_pair(tok, context, continuation)
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0, len(ctx) - 1 : -1].float(), -1)
+            want = logprobs[torch.arange(len(cont)), torch.tensor(cont)].sum().item()
+            assert ll == pytest.approx(want, abs=1e-4)
+            assert greedy == bool((logprobs.argmax(-1) == torch.tensor(cont)).all())
+    arc = {"instruction": "Please choose the correct answer to the question: Who had a ball?\n\nAnswer1: Tom "
+           "Answer2: the green sky over the sea\n\nAnswer format: answer1/answer2", "answer": "answer1"}  # fmt: skip
+    (scored,) = score_clozes(model, tok, [to_cloze(arc)])
+    ll = scored["ll"]
+    assert scored["acc"] == float(ll[0] > ll[1])
+    assert scored["acc_norm"] == float(ll[0] / 3 > ll[1] / len("the green sky over the sea"))
+
+
+def test_loglikelihoods_equal_lm_evaluation_harness(stories_path):
+    """The harness's own HFLM on the same in-memory model gives the same numbers."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = load_local_model(stories_path), load_tokenizer(stories_path)
+    pairs = [("Tom had a red ball.", " He played"), ("Lily went", " to the park"), ("Lily went ", "home")]
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, add_bos_token=True)
+    theirs = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    mine = loglikelihoods(model, tok, [[p] for p in pairs])
+    for (ll, greedy), [(my_ll, my_greedy)] in zip(theirs, mine, strict=True):
+        assert my_ll == pytest.approx(ll, abs=1e-4) and my_greedy == greedy
+
+
+def test_paired_bootstrap():
+    same = paired_bootstrap({"a": [0.0] * 30, "b": [0.0] * 10})
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0 and same["items"] == 40
+    shifted = paired_bootstrap({"a": [2.0] * 30, "b": [4.0] * 10})  # the mean over tasks, not over items
+    assert shifted["diff"] == shifted["ci_low"] == shifted["ci_high"] == 3.0
+    noisy = paired_bootstrap({"a": [1.0, -1.0] * 50})
+    assert noisy["ci_low"] < 0 < noisy["ci_high"] and noisy["diff"] == 0
+    better = paired_bootstrap({"a": [1.0] * 40 + [0.0] * 60})
+    assert 0.2 < better["ci_low"] < 0.4 < better["ci_high"] < 0.6  # about 0.4 ± 2 standard errors (0.05)
+    with pytest.raises(ValueError):
+        paired_bootstrap({"a": []})
+
+
+def quick(stories_path, tmp_path, **kw) -> AccuracyConfig:
+    settings = dict(model=stories_path, data=DATA, output=tmp_path / "study", work=tmp_path / "work",
+                    report=tmp_path / "report", categories=("commonsense", "math"),
+                    methods=("base", "lora", "zflora"), seeds=2, steps=(2, 1, 1), sweep_steps=1, lrs=(1e-3, 3e-3),
+                    n_val=4, n_test=(2, 1, 2), max_length=1024, eval_batch_size=8, progress=False)  # fmt: skip
+    return AccuracyConfig(**settings | kw)
+
+
+@needs_data
+def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
+    cfg = quick(stories_path, tmp_path)
     out = accuracy.run(cfg)
-    saved = json.loads((tmp_path / "acc" / "accuracy.json").read_text())
-    assert saved["model"] == str(stories_path) and (tmp_path / "acc" / "accuracy.png").is_file()
-    runs = {(r["method"], r["seed"]): r for r in saved["runs"]}
-    assert set(runs) == {("base", 0), ("lora", 0), ("zflora", 0), ("zflora-matched", 0)}
-    tasks = {"boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa", "winogrande"}
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved == json.loads(json.dumps(out)) and (tmp_path / "report.png").is_file()
+    assert saved["model"] == "stories260K" and saved["dtype"] == "fp32"
+    runs = {(r["method"], r["seed"]) for r in saved["runs"]}
+    assert runs == {("base", 0), ("lora", 0), ("lora", 1), ("zflora", 0), ("zflora", 1)}
     for r in saved["runs"]:
-        assert set(r["scores"]) == tasks and set(r["category_avg"]) == {"commonsense"}
-    assert runs["base", 0]["trainable_params"] == 0 and runs["lora", 0]["trainable_params"] > 0
-    assert runs["zflora-matched", 0]["rank"] > runs["zflora", 0]["rank"] == 16
-    assert saved["chance"]["boolq"] == 50.0 and saved["chance"]["ARC-Easy"] == pytest.approx(25.0, abs=1)
-    assert set(saved["sweeps"]) == {"lora", "zflora", "zflora-matched"}
-    assert all(set(s["val_loss"]) == {"0.001", "0.003"} for s in saved["sweeps"].values())
-    assert "| chance |" in (tmp_path / "acc" / "accuracy.md").read_text()
+        assert set(r["category_avg"]) == {"commonsense", "math"} == set(r["heldout_loss"])
+        assert len(r["scores"]) == 12 and len(r["generation"]) == 7
+    assert set(saved["paired"]) == {"commonsense", "math"} and saved["paired"]["commonsense"]["seeds"] == [0, 1]
+    assert saved["baselines"]["boolq"]["chance"] == 50.0 and saved["baselines"]["ARC-Easy"]["chance"] == 25.0
+    assert {s["method"] for s in saved["sweeps"]} == {"lora", "zflora"}
+    assert "| majority class |" in (tmp_path / "report.md").read_text()
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(accuracy, "train_run", no_training)
+    # A new machine: the committed study directory alone, no work directory. Nothing is trained again.
+    shutil.rmtree(tmp_path / "work")
+    monkeypatch.setattr(accuracy, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(accuracy, "evaluate_category", lambda *a, **k: pytest.fail("a finished run was re-evaluated"))
     assert accuracy.run(cfg)["runs"] == out["runs"]
+
+    # A run whose items lost a line is named and run again, not re-scored on fewer records.
+    items = cfg.output / "runs" / "zflora-r16-s1" / "math" / "items.jsonl"
+    items.write_text(items.read_text().splitlines()[0] + "\n")
+    with pytest.raises(pytest.fail.Exception, match="trained again"):
+        accuracy.run(cfg)
+    assert not (items.parent / "result.json").exists()
+
+    # Other settings are refused, with the study left as it was; --new starts over.
+    before = (cfg.output / "study.json").read_text()
+    with pytest.raises(ValueError, match=r"steps \[2, 1, 1\] -> \[3, 1, 1\]"):
+        accuracy.run(quick(stories_path, tmp_path, steps=(3, 1, 1)))
+    assert (cfg.output / "study.json").read_text() == before and (cfg.output / "runs").is_dir()
+    monkeypatch.undo()
+    accuracy.open_study(quick(stories_path, tmp_path, steps=(3, 1, 1), new=True))
+    assert not (cfg.output / "runs").exists() and json.loads((cfg.output / "study.json").read_text())["settings"][
+        "steps"
+    ] == [3, 1, 1]
+
+
+def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "native_bf16", lambda *a: False)
+    with pytest.raises(ValueError, match="does not run natively"):
+        accuracy.open_study(quick(stories_path, tmp_path, dtype="bf16"))
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n_test", (-1, -1, -1)), ("n_test", (5, 5)), ("lrs", (float("nan"),)), ("lrs", (-1e-3,)), ("steps", (0, 1, 1)),
+     ("methods", ("dora",)), ("dtype", "fp16")],
+)  # fmt: skip
+def test_bad_settings_are_refused_up_front(field, value, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        AccuracyConfig(output=tmp_path, **{field: value})
+
+
+def test_report_reads_the_study_directory_alone(tmp_path):
+    """collect() needs nothing but the directory: the committed files are the whole record."""
+    (tmp_path / "runs" / "lora-r4-s0" / "math").mkdir(parents=True)
+    (tmp_path / "study.json").write_text(json.dumps({"settings": {"model": "/x/m", "dtype": "fp32"}}))
+    run = tmp_path / "runs" / "lora-r4-s0" / "math"
+    (run / "items.jsonl").write_text("".join(json.dumps({"task": t, "item": i, "exact": float(i < 1)}) + "\n"
+                                             for t in ("a", "b") for i in range(2)))  # fmt: skip
+    (run / "result.json").write_text(json.dumps({"method": "lora", "rank": 4, "seed": 0, "lr": 1e-3,
+                                                 "category": "math", "heldout_loss": 1.5,
+                                                 "items_sha256": sha256(run / "items.jsonl")}))  # fmt: skip
+    out = collect(tmp_path)
+    (r,) = out["runs"]
+    assert r["scores"] == {"a": 50.0, "b": 50.0} and r["category_avg"] == {"math": 50.0} and out["model"] == "m"
+
+
+def test_lead2_takes_the_first_two_utterances_without_speakers():
+    dialogue = "#Person1#: Hi, Tom.\n#Person2#: Hello: how are you?\n#Person1#: Fine."
+    assert accuracy.lead2(dialogue) == "Hi, Tom. Hello: how are you?"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from .adapter_io import Adapter, base_identity
 from .config import ALL_PROJECTIONS, METHODS, TARGET_PRESETS, ZFLoRAConfig, check_alpha
-from .models import head_dim
+from .models import head_dim, meta_model
 from .transform import adapter_parameters, apply_zflora
 
 
@@ -83,3 +84,16 @@ def zflora_parameter_formula(config: Any, zf: ZFLoRAConfig) -> int:
     per_layer = sum(zf.r * size[p] for p in ALL_PROJECTIONS if p in zf.target_modules)
     extra = zf.r * d * zf.expand_input + (zf.r * config.vocab_size if zf.lm_head else 0)
     return layers * per_layer + extra
+
+
+def matched_rank(model_path: str | os.PathLike, method: str, reference: str, rank: int) -> int:
+    """The rank at which `method` trains about as many parameters as `reference` at `rank`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)  # read once, not per candidate rank
+
+    def count(m: str, r: int) -> int:
+        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=None))
+
+    target = count(reference, rank)
+    return min(range(1, 8 * rank + 1), key=lambda k: abs(count(method, k) - target))

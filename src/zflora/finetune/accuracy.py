@@ -1,20 +1,24 @@
-"""`zflora accuracy`: the paper's accuracy study, in miniature, on a real pretrained LLM.
+"""`zflora accuracy`: does zFLoRA learn as well as LoRA on a real pretrained model?
 
-Protocol (after Gowda et al. and LLM-Adapters): one adapter per category, trained on
-that category's training data and tested on its test sets, every method on the same
-test records with the same prompts, batched greedy decoding:
+Protocol, sized for a 135M model (SmolLM2-135M-Instruct) on a CPU:
 
-    commonsense  train: boolq + ARC-Challenge + ARC-Easy + openbookqa (mixed)
-                 test:  boolq, piqa, social_i_qa, ARC-Challenge, ARC-Easy, openbookqa, winogrande
-    math         train: math_train_3k            test: gsm8k, SVAMP, AddSub, MultiArith, SingleEq
-    summary      train: dialogsum.dev            test: dialogsum.test (3 references per dialogue)
+    commonsense  train: boolq + ARC-Challenge + ARC-Easy + openbookqa, in cloze form (question -> option text)
+                 test:  the seven LLM-Adapters tasks scored by likelihood (lm-evaluation-harness's acc and
+                        acc_norm, `cloze.py`); the paper's generation score (label word in a generated answer)
+                        and its rate of valid answers beside it
+    math         train: math_train_3k rationales     test: gsm8k, SVAMP, AddSub, MultiArith, SingleEq (exact)
+    summary      train: dialogsum.dev                 test: dialogsum.test, ROUGE best of 3 references and
+                                                            against summary1 alone; lead-2 as a baseline
 
-Methods: base (no training), lora and zflora at rank r (several seeds), lora-mha,
-zflora-mha, and zflora at the rank that matches LoRA's trainable parameters (fft
-optional). Each method's learning rate comes from a short sweep scored by the loss on
-a validation split carved from the training data (never a test set). Every run has
-its own directory and is skipped once its result is written, so an interrupted study
-resumes where it stopped.
+Math and summary prompts use the model's own chat template for every method (the base model answers
+Alpaca prompts poorly), cloze prompts are plain text, as the harness writes them. Each run also records
+the teacher-forced loss on held-out training records of its category. Every method's learning rate comes
+from a sweep on that held-out loss, never from a test set.
+
+A study lives in `output`: `study.json` (its settings and dtype, fixed at the start), `sweeps/`, and one
+directory per finished run with small files (result, per-item scores and responses, training log), meant
+to be committed, so that a rerun on any machine continues where the last one stopped. Checkpoints of a
+run in progress live under `work` on this machine: a rerun here resumes from them, elsewhere restarts it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-import statistics
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,188 +35,370 @@ import torch
 from tqdm import tqdm
 
 from ..files import write_json, write_text
-from ..models import load_local_model, load_tokenizer, require_local
+from ..hardware import environment, native_bf16
+from ..methods import matched_rank
+from ..models import load_local_model, load_tokenizer, require_local, torch_dtype
+from ..registry import home
 from ..transform import fuse, is_zflora
-from .config import ADAPTER_METHODS, CATEGORIES, AccuracyConfig
-from .data import Example, load_examples, tokenize
-from .evaluate import evaluate_tasks, score_responses_file, task_name
-from .scoring import answer_words, infer_kind
+from .accuracy_report import chart, collect, markdown, sha256, verified
+from .cloze import to_cloze
+from .config import CATEGORIES, AccuracyConfig, TrainConfig
+from .data import Example, load_records, to_example, tokenize
+from .evaluate import generate, task_name
+from .likelihood import score_clozes
+from .scoring import extract_label, references, rouge_scores, score_response, summary_references
+from .train import complete_checkpoints, train_model
+
+# Settings that define a study: a rerun with other values would mix incomparable runs.
+DEFINING = (
+    "model",
+    "dtype",
+    "rank",
+    "seeds",
+    "steps",
+    "batch_size",
+    "max_length",
+    "n_val",
+    "n_test",
+    "lrs",
+    "sweep_steps",
+)
+MAX_NEW_TOKENS = {"commonsense": 16, "math": 128, "summary": 64}  # math: 90% of training rationales fit in 119
 
 # --------------------------------------------------------------------------- data
 
 
-def train_split(cfg: AccuracyConfig, category: str) -> tuple[list[Example], list[Example]]:
-    """The category's training records, shuffled with a fixed seed: 90% to train, 10% for validation."""
-    records = [ex for f in CATEGORIES[category][0] for ex in load_examples(cfg.data / f)]
+def chat_prompt(tokenizer: Any, text: str) -> str:
+    """The model's own chat template around a user message (an Alpaca prompt where it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    from .data import format_prompt
+
+    return format_prompt(text)
+
+
+def as_example(category: str, record: dict[str, Any], tokenizer: Any, where: str) -> Example:
+    """A training record in the form its category is tested in."""
+    if category == "commonsense":
+        return to_cloze(record, where).example(record)
+    ex = to_example(record, where)
+    if category == "math":  # the rationale, without math_train_3k's "\nA: " lead
+        target = ex.target.removeprefix("A:").strip()
+        return Example(chat_prompt(tokenizer, record["instruction"]), target, record)
+    return Example(chat_prompt(tokenizer, summary_instruction(record)), ex.target, record)
+
+
+def summary_instruction(record: dict[str, Any]) -> str:
+    from .data import SUMMARY_INSTRUCTION
+
+    return f"{SUMMARY_INSTRUCTION}\n\n{record['dialogue']}"
+
+
+def train_split(cfg: AccuracyConfig, category: str, tokenizer: Any) -> tuple[list[Example], list[Example]]:
+    """The category's training records, shuffled with a fixed seed: `n_val` held out, the rest to train."""
+    records = [(f, i, r) for f in CATEGORIES[category][0] for i, r in enumerate(load_records(cfg.data / f))]
     random.Random(f"train:{category}").shuffle(records)
-    records = records[: cfg.n_train]
-    cut = max(1, len(records) // 10)
-    return records[cut:], records[:cut]
+    examples = [as_example(category, r, tokenizer, f"{f}: record {i}") for f, i, r in records]
+    return examples[cfg.n_val :], examples[: cfg.n_val]
 
 
 @functools.lru_cache(maxsize=32)
-def _shuffled(path: Path) -> tuple[Example, ...]:
-    examples = load_examples(path)
-    random.Random(f"test:{path.parent.name}/{path.name}").shuffle(examples)
-    return tuple(examples)
+def _sample(path: Path, n: int) -> tuple[tuple[int, dict], ...]:
+    records = list(enumerate(load_records(path)))
+    random.Random(f"test:{path.parent.name}/{path.name}").shuffle(records)
+    return tuple(records[:n])
 
 
-def test_sets(cfg: AccuracyConfig, category: str) -> dict[str, list[Example]]:
-    """The same test records for every method: a fixed-seed sample of each test file (all when fewer)."""
+def test_sets(cfg: AccuracyConfig, category: str) -> dict[str, list[tuple[int, dict]]]:
+    """The same (index, record) test items for every method: a fixed-seed sample of each test file."""
     n = dict(zip(CATEGORIES, cfg.n_test, strict=True))[category]
-    return {task_name(cfg.data / f): list(_shuffled(cfg.data / f)[:n]) for f in CATEGORIES[category][1]}
+    return {task_name(cfg.data / f): list(_sample(cfg.data / f, n)) for f in CATEGORIES[category][1]}
 
 
-def chance(examples: list[Example]) -> float | None:
-    """Expected accuracy (%) of a uniform guess among each record's answer words; None for open answers."""
-    if infer_kind(examples[0].record) != "label":
-        return None
-    return 100 * statistics.fmean(1 / max(1, len(answer_words(ex.record))) for ex in examples)
+# --------------------------------------------------------------------------- evaluation
 
 
-# --------------------------------------------------------------------------- runs
-
-
-def validation_loss(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_length: int) -> float:
-    """Mean token loss on held-out training records (the sweep's score)."""
+def heldout_loss(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_length: int) -> float:
+    """Mean token loss on held-out training records (teacher-forced)."""
     from transformers import DataCollatorForSeq2Seq
 
     tokenizer.padding_side = "right"
     features = tokenize(examples, tokenizer, max_length).features
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    losses, weights = [], []
+    total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for i in range(0, len(features), 16):
             batch = collate(features[i : i + 16])
-            losses.append(model(**batch).loss.item())
-            weights.append(int((batch["labels"] != -100).sum()))
-    return sum(loss * w for loss, w in zip(losses, weights, strict=True)) / sum(weights)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + model(**batch).loss.item() * n, count + n
+    tokenizer.padding_side = "left"
+    if not count:
+        raise ValueError(f"held-out loss: no target token left after truncation to max_length={max_length}")
+    return total / count
 
 
-def train_run(
-    cfg: AccuracyConfig, method: str, rank: int, lr: float, seed: int, train: list[Example], steps: int, out: Path
+def evaluate_category(cfg: AccuracyConfig, model: torch.nn.Module, tokenizer: Any, category: str) -> list[dict]:
+    """Per-item scores of every test task of `category` (one row per item)."""
+    rows: list[dict] = []
+    for task, items in test_sets(cfg, category).items():
+        records = [r for _, r in items]
+        if category == "commonsense":
+            prompts = [chat_prompt(tokenizer, r["instruction"]) for r in records]
+            scored = score_clozes(model, tokenizer, [to_cloze(r, f"{task}: record {i}") for i, r in items])
+        else:
+            text = [r["instruction"] if category == "math" else summary_instruction(r) for r in records]
+            prompts, scored = [chat_prompt(tokenizer, t) for t in text], [{} for _ in records]
+        responses = generate(model, tokenizer, prompts, MAX_NEW_TOKENS[category], cfg.eval_batch_size)
+        for (i, record), score, response in zip(items, scored, responses, strict=True):
+            rows.append(
+                {"task": task, "item": i, "response": response} | score | item_scores(category, record, response)
+            )
+    return rows
+
+
+def item_scores(category: str, record: dict[str, Any], response: str) -> dict[str, Any]:
+    if category == "commonsense":  # the paper's protocol: the first answer word of a generated answer
+        label = extract_label(response, record)
+        return {"gen_acc": float(label == str(record["answer"]).lower()), "gen_valid": float(label is not None)}
+    if category == "math":
+        return {"exact": score_response(record, response, "number")}
+    best = rouge_scores(references(record), response)
+    first = rouge_scores(summary_references(record)[:1], response)
+    return {
+        "rouge1": best["rouge1"],
+        "rouge2": best["rouge2"],
+        "rougeL": best["rougeL"],
+        "rouge1_s1": first["rouge1"],
+        "rouge2_s1": first["rouge2"],
+        "rougeL_s1": first["rougeL"],
+    }
+
+
+def baselines(cfg: AccuracyConfig) -> dict[str, dict[str, Any]]:
+    """What needs no model, per task: chance and the majority class for multiple choice; for summaries
+    lead-2 (the dialogue's first two utterances, speaker tags removed) scored as the models are."""
+    out: dict[str, dict[str, Any]] = {}
+    for category in cfg.categories:
+        for task, items in test_sets(cfg, category).items():
+            if category == "commonsense":
+                clozes = [to_cloze(r, f"{task}: record {i}") for i, r in items]
+                golds = [c.gold for c in clozes]
+                out[task] = {
+                    "chance": 100 * sum(1 / len(c.choices) for c in clozes) / len(clozes),
+                    "majority": 100 * max(map(golds.count, set(golds))) / len(golds),
+                }
+            elif category == "summary":
+                lead = [lead2(r["dialogue"]) for _, r in items]
+                rows = [item_scores(category, r, s) for (_, r), s in zip(items, lead, strict=True)]
+                out[task] = {"lead2": {k: 100 * sum(x[k] for x in rows) / len(rows) for k in rows[0]}}
+    return out
+
+
+def lead2(dialogue: str) -> str:
+    turns = [t.split(":", 1)[-1].strip() for t in dialogue.splitlines() if t.strip()]
+    return " ".join(turns[:2])
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_name(method: str, rank: int | None, seed: int) -> str:
+    return f"{method}-s{seed}" if rank is None else f"{method}-r{rank}-s{seed}"
+
+
+def load_model(cfg: AccuracyConfig) -> torch.nn.Module:
+    return load_local_model(cfg.model, torch_dtype(cfg.dtype))
+
+
+def train(
+    cfg: AccuracyConfig, method: str, rank: int, lr: float, seed: int, examples: list[Example], steps: int, work: Path
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from .config import TrainConfig
-    from .train import train_model
+    """One training run; resumes from a complete checkpoint in `work`, else starts afresh there."""
+    resume = bool(complete_checkpoints(work))
+    if not resume and work.exists():
+        shutil.rmtree(work)  # leftovers of a run killed before its first complete checkpoint
+    tc = TrainConfig(
+        model=cfg.model,
+        data=[Path("<accuracy>")],
+        output=work,
+        method=method,
+        rank=rank,
+        lr=lr,
+        max_steps=steps,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=seed,
+        dtype=cfg.dtype,
+        save_steps=max(10, steps // 3),
+        logging_steps=10,
+        progress=False,
+        resume=resume,
+    )
+    return train_model(tc, examples=examples, model=load_model(cfg), tokenizer=load_tokenizer(cfg.model))
 
-    tc = TrainConfig(model=cfg.model, data=[Path("<accuracy>")], output=out, method=method, rank=rank, lr=lr,
-                     max_steps=steps, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed,
-                     save_steps=max(20, steps // 4), logging_steps=10, progress=False,
-                     resume=any(out.glob("checkpoint-*")),
-                     extra={"train_sampling_strategy": "group_by_length"})  # fmt: skip
-    return train_model(tc, examples=train, tokenizer=load_tokenizer(cfg.model))
 
-
-def sweep(cfg: AccuracyConfig, method: str, rank: int, bar: tqdm) -> dict[str, Any]:
-    """Each learning rate for `sweep_steps` on commonsense data, scored by validation loss (cached on disk)."""
-    done = cfg.output / "sweep" / f"{method}-r{rank}.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    train, val = train_split(cfg, "commonsense")
-    tokenizer, losses = load_tokenizer(cfg.model), {}
-    for lr in cfg.lrs:
-        model, _ = train_run(
-            cfg, method, rank, lr, 0, train, cfg.sweep_steps, cfg.output / "sweep" / f"{method}-r{rank}-{lr}"
-        )
-        losses[str(lr)] = validation_loss(model, tokenizer, val[:200], cfg.max_length)
-        bar.set_postfix_str(f"sweep {method} lr {lr}: val loss {losses[str(lr)]:.3f}")
-    result = {"method": method, "rank": rank, "steps": cfg.sweep_steps, "val_loss": losses,
-              "best_lr": float(min(losses, key=losses.get))}  # fmt: skip
-    write_json(done, result)
+def one_run(
+    cfg: AccuracyConfig, method: str, rank: int | None, seed: int, lr: float | None, category: str, work: Path
+) -> dict[str, Any]:
+    """Train (unless base) and evaluate one method on one category; skipped once finished."""
+    name = run_name(method, rank, seed)
+    out = cfg.output / "runs" / name / category
+    if (done := verified(out)) is not None:
+        return done
+    (out / "result.json").unlink(missing_ok=True)  # a run whose items do not match it is run again
+    tokenizer = load_tokenizer(cfg.model)
+    train_examples, val = train_split(cfg, category, tokenizer)
+    result: dict[str, Any] = {"method": method, "rank": rank, "seed": seed, "lr": lr, "category": category}
+    if method == "base":
+        model = load_model(cfg)
+    else:
+        steps = dict(zip(CATEGORIES, cfg.steps, strict=True))[category]
+        train_method = "zflora" if method == "zflora-matched" else method
+        seen = train_examples[: steps * cfg.batch_size]  # the records the run has time for, each seen once
+        model, log = train(cfg, train_method, rank or cfg.rank, lr, seed, seen, steps, work / name / category)
+        result |= {
+            "trainable_params": log["trainable_parameters"],
+            "train_wall_s": log["wall_s"],
+            "tokens_seen": log["tokens_seen"],
+            "tokens_per_s": log["tokens_seen"] / log["wall_s"],
+        }
+        write_json(out / "train_log.json", log)
+    if is_zflora(model):
+        fuse(model)  # evaluated as it is served
+    elif hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # PEFT LoRA merged, as `zflora eval` serves it
+    started = time.perf_counter()
+    result["heldout_loss"] = heldout_loss(model, tokenizer, val, cfg.max_length)
+    rows = evaluate_category(cfg, model, tokenizer, category)
+    write_text(out / "items.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    result |= {
+        "eval_wall_s": time.perf_counter() - started,
+        "items": len(rows),
+        "items_sha256": sha256(out / "items.jsonl"),
+        "environment": environment(torch.device("cpu"), cfg.dtype),
+    }
+    write_json(out / "result.json", result)  # written last: the run counts as finished
     return result
 
 
-def evaluate_run(cfg: AccuracyConfig, model: torch.nn.Module, category: str) -> dict[str, Any]:
-    if is_zflora(model):
-        fuse(model)  # evaluated as it would be served
-    elif hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # PEFT LoRA merged, as `zflora eval` serves it
-    tests = test_sets(cfg, category)
-    started = time.perf_counter()
-    scores, saved = evaluate_tasks(model.eval(), load_tokenizer(cfg.model), tests, cfg.eval_batch_size)
-    return {"scores": {t: r["score"] for t, r in scores.items()}, "details": scores,
-            "eval_s": time.perf_counter() - started, "responses": saved}  # fmt: skip
-
-
-def one_run(cfg: AccuracyConfig, method: str, rank: int | None, seed: int, lr: float | None, category: str) -> dict:
-    """Train (unless base) and evaluate one method on one category; cached in its own directory."""
-    name = method if rank is None else f"{method}-r{rank}"
-    out = cfg.output / "runs" / f"{name}-s{seed}" / category
-    if (out / "result.json").is_file():  # finished: re-scored from its saved responses by today's scorers
-        details = score_responses_file(out / "responses.jsonl")
-        scores = {task: r["score"] for task, r in details.items()}
-        return json.loads((out / "result.json").read_text()) | {"scores": scores, "details": details}
-    result: dict[str, Any] = {"method": method, "rank": rank, "seed": seed, "lr": lr, "category": category}
-    if method == "base":
-        model = load_local_model(cfg.model)
-    else:
-        train, _ = train_split(cfg, category)
-        base_method = "zflora" if method == "zflora-matched" else method
-        model, log = train_run(cfg, base_method, rank or cfg.rank, lr, seed, train, cfg.steps, out)
-        result |= {"trainable_params": log["trainable_parameters"], "train_wall_s": log["wall_s"],
-                   "tokens_per_s": log["tokens_seen"] / log["wall_s"] if log["wall_s"] else None,
-                   "final_loss": log["loss"][-1]["loss"] if log["loss"] else None}  # fmt: skip
-    evaluated = evaluate_run(cfg, model, category)
-    write_text(out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in evaluated.pop("responses")))
-    result |= evaluated
-    write_json(out / "result.json", result)
+def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, Any]:
+    """Each learning rate for `sweep_steps` on the three categories' training data mixed, scored by the
+    mean held-out loss over the categories (cached in the study)."""
+    done = cfg.output / "sweeps" / f"{method}-r{rank}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    tokenizer = load_tokenizer(cfg.model)
+    splits = {c: train_split(cfg, c, tokenizer) for c in cfg.categories}
+    mixed = [ex for c in cfg.categories for ex in splits[c][0][: cfg.sweep_steps * cfg.batch_size]]
+    random.Random("sweep").shuffle(mixed)
+    losses = {}
+    for lr in cfg.lrs:
+        model, _ = train(cfg, method, rank, lr, 0, mixed, cfg.sweep_steps, work / "sweeps" / f"{method}-r{rank}-{lr}")
+        losses[str(lr)] = sum(heldout_loss(model, tokenizer, v[:32], cfg.max_length) for _, v in splits.values())
+        losses[str(lr)] /= len(splits)
+    result = {
+        "method": method,
+        "rank": rank,
+        "steps": cfg.sweep_steps,
+        "heldout_loss": losses,
+        "best_lr": float(min(losses, key=losses.get)),
+    }
+    write_json(done, result)
     return result
 
 
 # --------------------------------------------------------------------------- the study
 
 
-def matched_rank(cfg: AccuracyConfig) -> int:
-    """The zFLoRA rank whose trainable parameters come closest to LoRA's at `rank`."""
-    from .study import matched_rank as closest
-
-    return closest(require_local(cfg.model), "zflora", "lora", cfg.rank)
+def settings(cfg: AccuracyConfig) -> dict[str, Any]:
+    """The defining settings, as JSON stores them (so a rerun compares equal values)."""
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in DEFINING}, default=str))
 
 
-def plan(cfg: AccuracyConfig, ranks: dict[str, int]) -> list[tuple[str, int | None, int]]:
+def open_study(cfg: AccuracyConfig) -> None:
+    """Create the study's record, or check that this machine and these settings may continue it."""
+    record, want = cfg.output / "study.json", settings(cfg)
+    if record.is_file():
+        have = json.loads(record.read_text())["settings"]
+        if have != want:
+            if not cfg.new:
+                diff = ", ".join(f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in want if have.get(k) != want[k])
+                raise ValueError(
+                    f"{cfg.output}: a study with other settings is here ({diff}); rerun with its "
+                    "settings, use another --output, or pass --new to discard it"
+                )
+            for sub in ("runs", "sweeps"):
+                shutil.rmtree(cfg.output / sub, ignore_errors=True)
+            record.unlink()
+    if want["dtype"] == "bf16" and not native_bf16():
+        raise ValueError(
+            f"{cfg.output}: this study runs in bf16, which this CPU does not run natively (no "
+            "AVX-512 BF16 or AMX: emulated, ~60x slower); continue it on such a CPU, or start another "
+            "study in fp32"
+        )
+    if not record.is_file():
+        write_json(cfg.output / "baselines.json", baselines(cfg))
+        write_json(
+            record,
+            {
+                "settings": want,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "environment": environment(torch.device("cpu"), cfg.dtype),
+            },
+        )
+
+
+def plan(cfg: AccuracyConfig, ranks: dict[str, int | None]) -> list[tuple[str, int | None, int]]:
     """(method, rank, seed) of every run, the central comparison first: base, then lora and zflora over
     every seed, then the attention-only variants, zFLoRA at LoRA's parameter count and fft."""
     runs: list[tuple[str, int | None, int]] = [("base", None, 0)] if "base" in cfg.methods else []
     runs += [(m, ranks[m], s) for s in range(cfg.seeds) for m in ("lora", "zflora") if m in cfg.methods]
-    runs += [(m, ranks.get(m), 0) for m in ("lora-mha", "zflora-mha", "zflora-matched", "fft") if m in cfg.methods]
+    runs += [(m, ranks[m], 0) for m in ("lora-mha", "zflora-mha", "zflora-matched", "fft") if m in cfg.methods]
     return runs
 
 
+def work_dir(cfg: AccuracyConfig) -> Path:
+    return cfg.work or home() / "accuracy" / cfg.output.resolve().name
+
+
 def run(cfg: AccuracyConfig) -> dict[str, Any]:
-    require_local(cfg.model)
-    ranks = {m: cfg.rank for m in ADAPTER_METHODS} | {"zflora-matched": matched_rank(cfg)}
-    runs, started = plan(cfg, ranks), time.perf_counter()
-    swept = [m for m in dict.fromkeys(m for m, _, _ in runs) if m != "base"]
-    total = len(runs) * len(cfg.categories) + len(swept)
-    bar = tqdm(total=total, disable=not cfg.progress, desc="zflora accuracy", unit="run")
+    require_local(cfg.model)  # a name stays a name in the study's record: it resolves on every machine
+    open_study(cfg)
+    ranks: dict[str, int | None] = {m: cfg.rank for m in ("lora", "zflora", "lora-mha", "zflora-mha")}
+    ranks |= {"base": None, "fft": None}
+    if "zflora-matched" in cfg.methods:
+        ranks["zflora-matched"] = matched_rank(require_local(cfg.model), "zflora", "lora", cfg.rank)
+    runs, work = plan(cfg, ranks), work_dir(cfg)
+    bar = tqdm(total=len(runs) * len(cfg.categories), disable=not cfg.progress, desc="zflora accuracy", unit="run")
     sweeps: dict[str, dict[str, Any]] = {}
-    results = []
     for method, rank, seed in runs:
-        if method != "base" and method not in sweeps:  # swept just before its first run: results come in order
-            sweeps[method] = sweep(cfg, "zflora" if method == "zflora-matched" else method, rank or cfg.rank, bar)
-            bar.update(1)
-        lr = sweeps[method]["best_lr"] if method in sweeps else None
+        lr = None
+        if method != "base":
+            key = "zflora" if method == "zflora-matched" else method  # the sweep at r: one per method
+            if key not in sweeps:
+                bar.set_postfix_str(f"sweep {key}")
+                sweeps[key] = sweep(cfg, key, cfg.rank, work)
+            lr = sweeps[key]["best_lr"]
         for category in cfg.categories:
-            bar.set_postfix_str(f"{method} seed {seed} {category}")
-            results.append(one_run(cfg, method, rank, seed, lr, category))
+            bar.set_postfix_str(f"{run_name(method, rank, seed)} {category}")
+            one_run(cfg, method, rank, seed, lr, category, work)
             bar.update(1)
-            write_report(cfg, results, sweeps, time.perf_counter() - started)  # every finished run is reported
+            write_report(cfg)  # every finished run is reported at once
     bar.close()
-    return write_report(cfg, results, sweeps, time.perf_counter() - started)
+    return write_report(cfg)
 
 
-def write_report(cfg: AccuracyConfig, results: list[dict], sweeps: dict, wall_s: float) -> dict[str, Any]:
-    from .accuracy_report import chart, markdown, summary
-
-    out = summary(cfg, results, sweeps, wall_s)
-    write_json(cfg.output / "accuracy.json", out)
-    write_text(cfg.output / "accuracy.md", markdown(out))
-    chart(out, cfg.output / "accuracy.png")
+def write_report(cfg: AccuracyConfig) -> dict[str, Any]:
+    out = collect(cfg.output, cfg.data)
+    if cfg.report is not None:
+        write_json(cfg.report.with_suffix(".json"), out)
+        write_text(cfg.report.with_suffix(".md"), markdown(out))
+        chart(out, cfg.report.with_suffix(".png"))
     return out
 
 
 def main(cfg: AccuracyConfig) -> None:
-    from .accuracy_report import markdown
-
     print(markdown(run(cfg)))

@@ -1,50 +1,150 @@
-"""The accuracy study's report: runs merged per (method, rank, seed), the paper's table, a chart."""
+"""The accuracy study's report, read from its directory alone: runs, baselines, paired differences, chart.
+
+Primary metric per category (`category_avg`, the mean over its tasks):
+    commonsense  likelihood accuracy: acc_norm (per-character) where options differ in length and
+                 lm-evaluation-harness reports it (ARC, OpenBookQA, PIQA), acc elsewhere (boolq,
+                 social_i_qa, winogrande, whose partial scoring shares one continuation)
+    math         exact-match accuracy of the generated answer
+    summary      ROUGE-L F1, the best over DialogSum's three references
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
-from dataclasses import asdict
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..charts import figure, save_figure
-from ..hardware import environment
-from .config import CATEGORIES, AccuracyConfig
-from .study import mean_std
+from ..hardware import describe_machine
+from .stats import mean_std, paired_bootstrap
+
+CATEGORY_METRIC = {"commonsense": "acc", "math": "exact", "summary": "rougeL"}
+ACC_NORM_TASKS = ("ARC-Challenge", "ARC-Easy", "openbookqa", "piqa")
+CATEGORY_ORDER = ("commonsense", "math", "summary")
 
 
-def _merge(results: list[dict]) -> list[dict[str, Any]]:
-    """One row per (method, rank, seed): every category's task scores and its average, cost figures."""
+def primary(category: str, task: str) -> str:
+    return "acc_norm" if category == "commonsense" and task in ACC_NORM_TASKS else CATEGORY_METRIC[category]
+
+
+def _items(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return 100 * statistics.fmean(r[key] for r in rows)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verified(run: Path) -> dict[str, Any] | None:
+    """A finished run's result, or None where it has none or its items file does not match it (a lost or
+    edited line would otherwise be scored on fewer records without a word); the mismatch is named."""
+    if not (run / "result.json").is_file():
+        return None
+    result = json.loads((run / "result.json").read_text())
+    items = run / "items.jsonl"
+    if not items.is_file() or sha256(items) != result.get("items_sha256"):
+        print(f"zflora accuracy: {items} does not match {run / 'result.json'}; not counted", file=sys.stderr)
+        return None
+    return result
+
+
+def _run_rows(output: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(result, items) of every finished, verified run in the study directory."""
+    found = []
+    for result_path in sorted(output.glob("runs/*/*/result.json")):
+        if (result := verified(result_path.parent)) is not None:
+            found.append((result, _items(result_path.parent / "items.jsonl")))
+    return found
+
+
+def _merge(found: list[tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
+    """One row per (method, rank, seed), in the shape of the study JSON."""
     runs: dict[tuple, dict[str, Any]] = {}
-    for r in results:
-        run = runs.setdefault((r["method"], r["rank"], r["seed"]), {
-            "method": r["method"], "seed": r["seed"], "rank": r["rank"], "lr": r["lr"],
-            "trainable_params": r.get("trainable_params", 0), "scores": {}, "category_avg": {},
-            "train_wall_s": {}, "eval_wall_s": {}, "tokens_per_s": {},
-        })  # fmt: skip
-        run["scores"] |= r["scores"]
-        run["category_avg"][r["category"]] = statistics.fmean(r["scores"].values())
-        run["eval_wall_s"][r["category"]] = r["eval_s"]
-        if "train_wall_s" in r:
-            run["train_wall_s"][r["category"]] = r["train_wall_s"]
-            run["tokens_per_s"][r["category"]] = r["tokens_per_s"]
+    for result, items in found:
+        key = (result["method"], result["rank"], result["seed"])
+        run = runs.setdefault(
+            key,
+            {
+                "method": key[0],
+                "seed": key[2],
+                "rank": key[1],
+                "lr": result["lr"],
+                "trainable_params": result.get("trainable_params", 0),
+                "scores": {},
+                "category_avg": {},
+                "heldout_loss": {},
+                "generation": {},
+                "rouge": {},
+                "cost": {},
+            },
+        )
+        category = result["category"]
+        by_task: dict[str, list[dict]] = {}
+        for row in items:
+            by_task.setdefault(row["task"], []).append(row)
+        for task, rows in by_task.items():
+            run["scores"][task] = _mean(rows, primary(category, task))
+            if category == "commonsense":
+                run["generation"][task] = {"acc": _mean(rows, "gen_acc"), "valid": _mean(rows, "gen_valid")}
+            if category == "summary":
+                run["rouge"][task] = {k: _mean(rows, k) for k in rows[0] if k.startswith("rouge")}
+        run["category_avg"][category] = statistics.fmean(run["scores"][t] for t in by_task)
+        run["heldout_loss"][category] = result["heldout_loss"]
+        run["cost"][category] = {
+            k: result.get(k) for k in ("train_wall_s", "tokens_seen", "tokens_per_s", "eval_wall_s")
+        }
     return list(runs.values())
 
 
-def summary(cfg: AccuracyConfig, results: list[dict], sweeps: dict, wall_s: float) -> dict[str, Any]:
-    from .accuracy import chance, test_sets
+def _per_item(found: list[tuple[dict, list[dict]]], method: str, category: str) -> dict[int, dict[tuple, float]]:
+    """seed -> {(task, item): primary score} of `method` (at the study's rank) in `category`."""
+    out: dict[int, dict[tuple, float]] = {}
+    for result, items in found:
+        if result["method"] == method and result["category"] == category:
+            out[result["seed"]] = {(r["task"], r["item"]): r[primary(category, r["task"])] for r in items}
+    return out
 
-    chances, categories = {}, {}
-    for category in cfg.categories:
-        tests = test_sets(cfg, category)
-        chances |= {task: chance(examples) for task, examples in tests.items()}
-        categories |= dict.fromkeys(tests, category)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    return {"model": str(cfg.model), "settings": settings, "environment": environment(torch.device("cpu"), "fp32"),
-            "wall_s": wall_s, "chance": chances, "task_category": categories, "sweeps": sweeps,
-            "runs": _merge(results)}  # fmt: skip
+
+def paired(found: list[tuple[dict, list[dict]]], a: str = "zflora", b: str = "lora") -> dict[str, dict[str, Any]]:
+    """Per category: the paired bootstrap 95% CI of (a - b) over the same test items and seeds (in points)."""
+    out = {}
+    for category in CATEGORY_ORDER:
+        mine, theirs = _per_item(found, a, category), _per_item(found, b, category)
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        diffs: dict[str, list[float]] = {}
+        for task, item in mine[seeds[0]]:
+            d = statistics.fmean(mine[s][(task, item)] - theirs[s][(task, item)] for s in seeds)
+            diffs.setdefault(task, []).append(100 * d)
+        out[category] = paired_bootstrap(diffs) | {"seeds": seeds}
+    return out
+
+
+def collect(output: Path, data: Path | None = None) -> dict[str, Any]:
+    """The study JSON: `{"model", "dtype", "runs": [...], "paired": {...}, ...}` from `output` alone."""
+    study = json.loads((output / "study.json").read_text())
+    found = _run_rows(output)
+    sweeps = [json.loads(p.read_text()) for p in sorted(output.glob("sweeps/*.json"))]
+    baselines = json.loads((output / "baselines.json").read_text()) if (output / "baselines.json").is_file() else {}
+    envs = [r["environment"] for r, _ in found if "environment" in r]
+    return {
+        "model": Path(study["settings"]["model"]).name,
+        "dtype": study["settings"]["dtype"],
+        "settings": study["settings"],
+        "machines": sorted({describe_machine(e) for e in envs}),
+        "baselines": baselines,
+        "sweeps": sweeps,
+        "runs": _merge(found),
+        "paired": paired(found),
+    }
 
 
 def groups(out: dict[str, Any]) -> dict[tuple[str, Any], list[dict]]:
@@ -54,40 +154,171 @@ def groups(out: dict[str, Any]) -> dict[tuple[str, Any], list[dict]]:
     return by
 
 
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    return [_row(head), "|" + "---|" * len(head), *map(_row, rows), ""]
+
+
 def markdown(out: dict[str, Any]) -> str:
-    cats = [c for c in CATEGORIES if any(c in r["category_avg"] for r in out["runs"])]
-    tasks = [t for t in out["chance"] if any(t in r["scores"] for r in out["runs"])]
-    head = ["method", "rank", "seeds", "trainable params", *tasks, *(f"**{c}**" for c in cats), "lr"]
-    lines = [f"Accuracy study on **{out['model']}**; scores in % (ROUGE-L F1 for summaries, best of the "
-             "references); mean ± std over seeds; the same test records and prompts for every method.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             "| chance | | | | " + " | ".join("-" if out["chance"][t] is None else f"{out['chance'][t]:.1f}"
-                                               for t in tasks) + " |" * (len(cats) + 1) + " |"]  # fmt: skip
-    for (method, rank), runs in groups(out).items():
-        cells = [mean_std([r["scores"][t] for r in runs if t in r["scores"]]) for t in tasks]
-        avgs = [f"**{mean_std([r['category_avg'][c] for r in runs if c in r['category_avg']])}**" for c in cats]
-        lines.append(f"| {method} | {rank or '-'} | {len(runs)} | {runs[0]['trainable_params']:,} | "
-                     + " | ".join(cells + avgs) + f" | {runs[0]['lr'] or '-'} |")  # fmt: skip
-    lines += ["", "Learning-rate sweep (validation loss on held-out commonsense training records):", ""]
-    for method, sw in out["sweeps"].items():
-        losses = ", ".join(f"{lr}: {v:.4f}" for lr, v in sw["val_loss"].items())
-        lines.append(f"- {method} (r = {sw['rank']}, {sw['steps']} steps): {losses}; chosen {sw['best_lr']}")
-    lines += ["", "Cost per run (seed 0): training wall time and tokens/s by category, evaluation wall time:", ""]
-    for (method, rank), runs in groups(out).items():
-        r = runs[0]
-        train = ", ".join(f"{c} {r['train_wall_s'][c] / 60:.1f} min ({r['tokens_per_s'][c]:.0f} tok/s)"
-                          for c in r["train_wall_s"])  # fmt: skip
-        evals = ", ".join(f"{c} {s / 60:.1f} min" for c, s in r["eval_wall_s"].items())
-        lines.append(f"- {method}{f' r={rank}' if rank else ''}: train {train or '-'}; eval {evals}")
-    env = out["environment"]
-    lines += ["", f"{env['hardware']} ({', '.join(env['cpu_capability'])}), {env['threads']} threads, fp32, "
-              f"torch {env['torch']}, transformers {env['transformers']}; study wall time {out['wall_s'] / 3600:.2f} h "
-              "(this invocation; resumed runs were read from disk)."]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    cats = [c for c in CATEGORY_ORDER if any(c in r["category_avg"] for r in out["runs"])]
+    st, by = out["settings"], groups(out)
+    lines = [
+        f"# Accuracy study: {out['model']} ({out['dtype']})",
+        "",
+        f"Rank {st['rank']}, {st['seeds']} seeds for lora and zflora (one for the others); training steps "
+        f"{dict(zip(CATEGORY_ORDER, st['steps'], strict=False))} of {st['batch_size']} records; test records per task "
+        f"{dict(zip(CATEGORY_ORDER, st['n_test'], strict=False))}. Scores in %, mean ± std over seeds.",
+        "",
+        "## Category averages (primary metric)",
+        "",
+    ]
+    rows = []
+    for (method, rank), runs in by.items():
+        avgs = [mean_std([r["category_avg"][c] for r in runs if c in r["category_avg"]]) for c in cats]
+        rows.append(
+            [
+                method,
+                rank or "-",
+                len(runs),
+                f"{runs[0]['trainable_params']:,}",
+                runs[0]["lr"] or "-",
+                *avgs,
+                *(_loss(runs, c) for c in cats),
+            ]
+        )
+    lines += _table(
+        ["method", "rank", "seeds", "trainable params", "lr", *cats, *(f"held-out loss {c}" for c in cats)], rows
+    )
+    lines += _task_table(out, by)
+    lines += _paired_lines(out)
+    lines += _generation_lines(out, by)
+    lines += _cost_lines(out, by)
+    lines += [f"Machines: {'; '.join(out['machines']) or '-'}.", ""]
+    return "\n".join(lines)
+
+
+def _loss(runs: list[dict], category: str) -> str:
+    values = [r["heldout_loss"][category] for r in runs if category in r["heldout_loss"]]
+    if not values:
+        return "-"
+    return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def _task_table(out: dict[str, Any], by: dict) -> list[str]:
+    tasks = list(dict.fromkeys(t for r in out["runs"] for t in r["scores"]))
+    base = out["baselines"]
+    lines = [
+        "## Per task",
+        "",
+        "Commonsense: likelihood accuracy (acc_norm for ARC, OpenBookQA, PIQA; acc for the "
+        "others). Math: exact match. Summary: ROUGE-L, best of 3 references.",
+        "",
+    ]
+    rows = [
+        ["chance", *(_fmt(base.get(t, {}).get("chance")) for t in tasks)],
+        ["majority class", *(_fmt(base.get(t, {}).get("majority")) for t in tasks)],
+        ["lead-2", *(_fmt(base.get(t, {}).get("lead2", {}).get("rougeL")) for t in tasks)],
+    ]
+    for (method, rank), runs in by.items():
+        label = method if rank is None else f"{method} r={rank}"
+        rows.append([label, *(mean_std([r["scores"][t] for r in runs if t in r["scores"]]) for t in tasks)])
+    return lines + _table(["", *tasks], rows)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _paired_lines(out: dict[str, Any]) -> list[str]:
+    if not out["paired"]:
+        return []
+    rows = [
+        [c, f"{p['diff']:+.2f}", f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]", len(p["seeds"]), p["items"]]
+        for c, p in out["paired"].items()
+    ]
+    return [
+        "## zFLoRA − LoRA, paired",
+        "",
+        "Difference of the category average in points, with a 95% paired "
+        "bootstrap interval (2000 resamples of the test items, stratified by task; each item's difference "
+        "averaged over the seeds both methods ran).",
+        "",
+        *_table(["category", "zflora − lora", "95% CI", "seeds", "items"], rows),
+    ]
+
+
+def _generation_lines(out: dict[str, Any], by: dict) -> list[str]:
+    tasks = list(dict.fromkeys(t for r in out["runs"] for t in r["generation"]))
+    summary = list(dict.fromkeys(t for r in out["runs"] for t in r["rouge"]))
+    lines = []
+    if tasks:
+        lines += [
+            "## Commonsense, the paper's generation protocol",
+            "",
+            "The LLM-Adapters instruction (options "
+            "listed, answer by label word) in the chat template; accuracy % (valid answers %).",
+            "",
+        ]
+        rows = [
+            [
+                m if k is None else f"{m} r={k}",
+                *(
+                    f"{mean_std([r['generation'][t]['acc'] for r in runs if t in r['generation']])} "
+                    f"({mean_std([r['generation'][t]['valid'] for r in runs if t in r['generation']])})"
+                    for t in tasks
+                ),
+            ]
+            for (m, k), runs in by.items()
+        ]
+        lines += _table(["", *tasks], rows)
+    for task in summary:
+        keys = ("rouge1", "rouge2", "rougeL", "rouge1_s1", "rouge2_s1", "rougeL_s1")
+        lead = out["baselines"].get(task, {}).get("lead2", {})
+        rows = [["lead-2", *(_fmt(lead.get(k)) for k in keys)]]
+        rows += [
+            [
+                m if k is None else f"{m} r={k}",
+                *(mean_std([r["rouge"][task][x] for r in runs if task in r["rouge"]]) for x in keys),
+            ]
+            for (m, k), runs in by.items()
+        ]
+        lines += [
+            f"## {task}: ROUGE F1",
+            "",
+            "Best of the three references, and against `summary1` alone (_s1).",
+            "",
+            *_table(["", "R-1", "R-2", "R-L", "R-1 s1", "R-2 s1", "R-L s1"], rows),
+        ]
+    return lines
+
+
+def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
+    lines = ["## Learning rates and cost", ""]
+    for sw in out["sweeps"]:
+        losses = ", ".join(f"{lr}: {v:.4f}" for lr, v in sw["heldout_loss"].items())
+        lines.append(
+            f"- sweep {sw['method']} (r = {sw['rank']}, {sw['steps']} steps, all categories mixed; held-out "
+            f"loss): {losses}; chosen {sw['best_lr']}"
+        )
+    for (method, rank), runs in by.items():
+        parts = []
+        for c, cost in runs[0]["cost"].items():
+            train = (
+                f"train {cost['train_wall_s'] / 60:.1f} min, {cost['tokens_seen']:,} tokens at "
+                f"{cost['tokens_per_s']:.0f} tok/s; "
+                if cost.get("train_wall_s")
+                else ""
+            )
+            parts.append(f"{c}: {train}eval {cost['eval_wall_s'] / 60:.1f} min")
+        lines.append(f"- {method}{f' r={rank}' if rank else ''} (seed {runs[0]['seed']}): {'; '.join(parts)}")
+    return [*lines, ""]
 
 
 def chart(out: dict[str, Any], path: Path) -> None:
-    cats = [c for c in CATEGORIES if any(c in r["category_avg"] for r in out["runs"])]
+    cats = [c for c in CATEGORY_ORDER if any(c in r["category_avg"] for r in out["runs"])]
     if not cats:
         return
     fig, (ax,) = figure(1, 9)
@@ -97,15 +328,30 @@ def chart(out: dict[str, Any], path: Path) -> None:
         vals = [[r["category_avg"][c] for r in runs if c in r["category_avg"]] for c in cats]
         means = [statistics.fmean(v) if v else 0 for v in vals]
         errs = [statistics.stdev(v) if len(v) > 1 else 0 for v in vals]
-        ax.bar([j + i * width for j in range(len(cats))], means, width, yerr=errs, capsize=2,
-               label=f"{method}{f' r={rank}' if rank else ''}")  # fmt: skip
-    for j, c in enumerate(cats):  # chance: the mean of the category's tasks' chance levels (where defined)
-        levels = [v for t, v in out["chance"].items() if v is not None and out["task_category"].get(t) == c]
-        if levels:
-            ax.hlines(statistics.fmean(levels), j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="--",
-                      label="chance" if j == 0 else None)  # fmt: skip
+        ax.bar(
+            [j + i * width for j in range(len(cats))],
+            means,
+            width,
+            yerr=errs,
+            capsize=2,
+            label=f"{method}{f' r={rank}' if rank else ''}",
+        )
+    for j, c in enumerate(cats):  # the no-model baseline of the category: majority class, lead-2
+        tasks = {t for r in out["runs"] for t in r["scores"] if c in r["category_avg"]} & set(out["baselines"])
+        levels = [
+            out["baselines"][t].get("majority") or out["baselines"][t].get("lead2", {}).get("rougeL") for t in tasks
+        ]
+        if levels := [v for v in levels if v is not None]:
+            ax.hlines(
+                statistics.fmean(levels),
+                j - width / 2,
+                j + 0.8 - width / 2,
+                colors="black",
+                linestyles="--",
+                label="majority class / lead-2" if j == 0 else None,
+            )
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], cats)
     ax.set_ylabel("category average (%)")
-    ax.set_title(f"Accuracy study: {out['model']}")
+    ax.set_title(f"Accuracy study: {out['model']} ({out['dtype']})")
     ax.legend(fontsize=7)
     save_figure(fig, path)

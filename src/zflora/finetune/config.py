@@ -132,37 +132,84 @@ CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
     "summary": (["dialogsum/dialogsum.dev.jsonl"], ["dialogsum/dialogsum.test.jsonl"]),
 }  # fmt: skip
 ADAPTER_METHODS = ("lora", "zflora", "lora-mha", "zflora-mha")
+STUDY_METHODS = ("base", *ADAPTER_METHODS, "zflora-matched", "fft")
+
+
+def _finite_positive_tuple(name: str, values: tuple, kind: type = float) -> None:
+    if not values:
+        raise ValueError(f"{name}: give at least one value")
+    for v in values:
+        (positive_int if kind is int else positive_finite)(name, v)
 
 
 @dataclass
 class AccuracyConfig:
-    """`zflora accuracy`: the paper's accuracy study on a real pretrained model (resumable)."""
+    """`zflora accuracy`: accuracy of every method on a real pretrained model (resumable, committable).
+
+    Finished runs are small files under `output` (results, per-item scores, training logs), read back
+    on a rerun on any machine; checkpoints of a run in progress live under `work` on this machine."""
 
     model: Path = field(default=Path("smollm2-135m-instruct"), metadata={"help": "checkpoint dir or fetched name"})
     data: Path = field(default=Path("../shared/data"), metadata={"help": "the commonsense/, math/, dialogsum/ root"})
-    output: Path = field(default=Path("runs/accuracy"), metadata={"help": "one directory per run; rerun resumes"})
+    output: Path = field(
+        default=Path("docs/results/accuracy-smollm2-135m"),
+        metadata={"help": "finished runs (small files); a rerun continues from them"},
+    )
+    work: Path | None = field(
+        default=None,
+        metadata={"help": "checkpoints of runs in progress (default: ~/.cache/zflora/accuracy/<output name>)"},
+    )
+    report: Path | None = field(
+        default=Path("docs/results/study-smollm2-135m"), metadata={"help": "write REPORT.json, .md and .png"}
+    )
+    dtype: str = field(
+        default="fp32",
+        metadata={
+            "choices": ("fp32", "bf16"),
+            "help": "fixed when the study "
+            "starts: fp32 runs natively everywhere; bf16 only where the CPU has AVX-512 BF16 or AMX",
+        },
+    )
     rank: int = 16
-    seeds: int = field(default=2, metadata={"help": "seeds of lora and zflora (other methods: one)"})
-    methods: tuple[str, ...] = field(default=("base", *ADAPTER_METHODS, "zflora-matched"),
-                                     metadata={"help": "add fft to fine-tune every weight too"})  # fmt: skip
+    seeds: int = field(default=3, metadata={"help": "seeds of lora and zflora (other methods: one)"})
+    methods: tuple[str, ...] = field(
+        default=("base", *ADAPTER_METHODS, "zflora-matched"), metadata={"help": "add fft to fine-tune every weight too"}
+    )
     categories: tuple[str, ...] = tuple(CATEGORIES)
-    steps: int = field(default=240, metadata={"help": "training steps per run"})
+    steps: tuple[int, ...] = field(
+        default=(200, 100, 57),
+        metadata={
+            "help": "training steps per category "
+            "(57 x 8 = one epoch of the 450 DialogSum dev dialogues left for training)"
+        },
+    )
     batch_size: int = 8
-    max_length: int = 384
-    n_train: int = field(default=2400, metadata={"help": "training records per category (shuffled; 10% validation)"})
-    n_test: tuple[int, ...] = field(default=(200, 100, 200), metadata={"help": "test records per task, by category"})
-    lrs: tuple[float, ...] = field(default=(1e-4, 3e-4, 1e-3), metadata={"help": "learning rates swept per method"})
-    sweep_steps: int = field(default=60, metadata={"help": "steps of each sweep run (commonsense data)"})
+    max_length: int = 768
+    n_val: int = field(default=50, metadata={"help": "held-out training records per category (loss, sweep)"})
+    n_test: tuple[int, ...] = field(default=(150, 100, 150), metadata={"help": "test records per task, by category"})
+    lrs: tuple[float, ...] = field(
+        default=(1e-4, 3e-4, 1e-3, 3e-3), metadata={"help": "learning rates swept per method"}
+    )
+    sweep_steps: int = field(default=30, metadata={"help": "steps of each sweep run (all categories mixed)"})
     eval_batch_size: int = 16
+    new: bool = field(
+        default=False,
+        metadata={"help": "discard the finished runs in --output made with other settings and start a new study there"},
+    )
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive_ints(self, "rank", "seeds", "steps", "batch_size", "max_length", "n_train", "sweep_steps",
-                      "eval_batch_size")  # fmt: skip
-        known = ("base", *ADAPTER_METHODS, "zflora-matched", "fft")
-        if bad := [m for m in self.methods if m not in known]:
-            raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(known)}")
+        positive_ints(self, "rank", "seeds", "batch_size", "max_length", "n_val", "sweep_steps", "eval_batch_size")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: fp32, bf16")
+        if bad := [m for m in self.methods if m not in STUDY_METHODS]:
+            raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(STUDY_METHODS)}")
         if bad := [c for c in self.categories if c not in CATEGORIES]:
             raise ValueError(f"categories: unknown {bad}; accepted: {', '.join(CATEGORIES)}")
-        if len(self.n_test) != len(CATEGORIES) or not self.lrs:
-            raise ValueError(f"n_test: one count per category ({', '.join(CATEGORIES)}); lrs: at least one")
+        for name, kind in (("n_test", int), ("steps", int), ("lrs", float)):
+            _finite_positive_tuple(name, getattr(self, name), kind)
+        for name in ("n_test", "steps"):
+            if len(getattr(self, name)) != len(CATEGORIES):
+                raise ValueError(
+                    f"{name}: one value per category ({', '.join(CATEGORIES)}), got {len(getattr(self, name))}"
+                )

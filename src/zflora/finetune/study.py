@@ -21,29 +21,17 @@ from tqdm import tqdm
 
 from ..files import write_json, write_text
 from ..hardware import environment
-from ..methods import count_trainable_parameters, prepare_model
-from ..models import load_local_model, load_tokenizer, meta_model
+from ..methods import matched_rank
+from ..models import load_local_model, load_tokenizer
 from ..transform import fuse, is_zflora
 from .config import StudyConfig, TrainConfig
 from .data import Example, to_example
 from .evaluate import evaluate_tasks
+from .stats import mean_std
 from .tasks import TASKS, make_splits
 from .train import step_time_summary, train_model
 
 ADAPTERS = ("zflora", "zflora-mha", "lora", "lora-mha")
-
-
-def matched_rank(model_path: Path, method: str, reference: str, rank: int) -> int:
-    """The rank at which `method` trains about as many parameters as `reference` at `rank`."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, local_files_only=True)  # read once, not per candidate rank
-
-    def count(m: str, r: int) -> int:
-        return count_trainable_parameters(prepare_model(meta_model(config), m, r=r, alpha=None))
-
-    target = count(reference, rank)
-    return min(range(1, 8 * rank + 1), key=lambda k: abs(count(method, k) - target))
 
 
 def run_one(
@@ -95,15 +83,6 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
         write_json(cfg.output / "study.json", result)
         write_text(cfg.output / "study.md", markdown(result))
     return result
-
-
-def mean_std(values: list[float]) -> str:
-    """'12.3' for one value, '12.3 ± 1.2' (mean ± sample std) for several, '-' for none."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
