@@ -4,7 +4,9 @@ without its fix. The README's table of fault cases lists them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import zflora
-from zflora.adapter_io import CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterError, base_identity
+from zflora.adapter_io import CONFIG_NAME, STALE_TMP_S, WEIGHTS_NAME, Adapter, AdapterError, base_identity
 from zflora.cli import main
 from zflora.finetune.data import DataError, load_examples
 from zflora.finetune.evaluate import task_kind
@@ -55,9 +57,17 @@ def test_save_removes_temporaries_of_a_crashed_save(tmp_path):
     zflora.save_adapter(_adapted(), path)
     (path / f".{WEIGHTS_NAME}.abc123.tmp").write_bytes(b"")
     (path / f".{CONFIG_NAME}.def456.tmp").write_text("{")
+    for stale in path.glob(".*.tmp"):  # an hour old: no writer is still at them
+        os.utime(stale, (time.time() - 2 * STALE_TMP_S,) * 2)
+    (path / f".{WEIGHTS_NAME}.inflight.tmp").write_bytes(b"")  # another writer's, just created: kept
     (path / "optimizer.pt").write_bytes(b"kept")  # a Trainer checkpoint's own files are left alone
     zflora.save_adapter(_adapted(seed=2), path)
-    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "optimizer.pt"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        f".{WEIGHTS_NAME}.inflight.tmp",
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        "optimizer.pt",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +194,8 @@ def test_load_adapter_into_a_plain_model_applies_its_config(tmp_path, ids):
     before = state(qwen)
     with pytest.raises(AdapterError, match="model_type"):
         zflora.load_adapter(qwen, tmp_path / "a")
-    assert_same_state(before, state(qwen)) and not zflora.is_zflora(qwen)
+    assert_same_state(before, state(qwen))
+    assert not zflora.is_zflora(qwen)
 
 
 # --------------------------------------------------------------------------- data

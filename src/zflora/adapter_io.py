@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ FUNCTION_FIELDS = ("rope_theta", "rms_norm_eps", "tie_word_embeddings")
 SHAPE_FIELDS = ("r", "target_modules", "lm_head", "expand_input")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FINGERPRINT_VALUES = 16  # leading values of each fingerprinted base tensor
+STALE_TMP_S = 3600  # a temporary file this old belongs to a save that was killed
 
 
 class AdapterError(ValueError):
@@ -72,6 +74,19 @@ def _rope_theta(cfg: Any) -> float | None:
     return None if theta is None else float(theta)
 
 
+# The base tensors fingerprinted, by their names in a Hugging Face checkpoint.
+FINGERPRINTED = {
+    "embed_tokens": "model.embed_tokens.weight",
+    "layers.0.q_proj": "model.layers.0.self_attn.q_proj.weight",
+    "norm": "model.norm.weight",
+}
+
+
+def _leading(t: torch.Tensor) -> list[float]:
+    """The fingerprint of one tensor: the leading values of its first row (of the vector itself)."""
+    return (t[0] if t.dim() > 1 else t).detach()[:FINGERPRINT_VALUES].float().cpu().tolist()
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, list[float]] | None:
     """The leading values of three base tensors (embedding, first q projection, final norm gain).
 
@@ -80,13 +95,30 @@ def base_fingerprint(model: nn.Module) -> dict[str, list[float]] | None:
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     tensors = {
-        "embed_tokens": inner.model.embed_tokens.weight[0],
-        "layers.0.q_proj": inner.model.layers[0].self_attn.q_proj.weight[0],
+        "embed_tokens": inner.model.embed_tokens.weight,
+        "layers.0.q_proj": inner.model.layers[0].self_attn.q_proj.weight,
         "norm": inner.model.norm.weight,
     }
     if any(t.is_meta for t in tensors.values()):
         return None
-    return {k: t.detach()[:FINGERPRINT_VALUES].float().cpu().tolist() for k, t in tensors.items()}
+    return {k: _leading(t) for k, t in tensors.items()}
+
+
+def checkpoint_fingerprint(directory: str | os.PathLike) -> dict[str, list[float]] | None:
+    """`base_fingerprint` of a checkpoint directory, read from its safetensors files without loading the model
+    (a few hundred bytes per tensor); None where it has no safetensors weights or lacks one of the tensors."""
+    found: dict[str, list[float]] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                names = set(f.keys())
+                for short, name in FINGERPRINTED.items():
+                    if short not in found and name in names:
+                        part = f.get_slice(name)
+                        found[short] = _leading(part[0:1] if len(part.get_shape()) > 1 else part[:FINGERPRINT_VALUES])
+        except SafetensorError as e:
+            raise AdapterError(f"{file}: unreadable safetensors file ({e})") from None
+    return found if len(found) == len(FINGERPRINTED) else None
 
 
 def base_identity(model: nn.Module) -> dict[str, Any]:
@@ -122,11 +154,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")]:
-        stale.unlink(missing_ok=True)  # left by a save that was killed
+        _remove_if_stale(stale)
     header = {"format": "pt", "zflora_save_id": save_id}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
     write_json(path / CONFIG_NAME, meta, indent=2)
     return path
+
+
+def _remove_if_stale(tmp: Path) -> None:
+    """Remove a temporary file left by a killed save, but never one another writer may still be writing
+    (each writer's temporary name is unique; concurrent saves into one directory: the last one wins)."""
+    try:
+        if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+            tmp.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _require(model: nn.Module) -> None:
@@ -276,12 +318,20 @@ def check_fits(model: nn.Module, adapter: Adapter, check_base_weights: bool = Tr
         if tuple(t.shape) != tuple(p.shape):
             raise AdapterError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
         _require_float(where, name, t)
-        c = t.detach().to(p.device, p.dtype)
+        c = t.detach().to(p.dtype)  # on its own device: a meta probe checks the values too
         scaled = c * config.scaling if name.endswith("zflora_B") else c  # what a fused block will hold
-        if not p.is_meta and not torch.isfinite(scaled).all():
+        if not torch.isfinite(scaled).all():
             raise AdapterError(f"{where}: {name} is not finite in the model's dtype {p.dtype} (overflow or NaN)")
-        cast[name] = c
+        cast[name] = c if p.is_meta else c.to(p.device)
     return cast
+
+
+def _require_swappable(model: nn.Module) -> None:
+    if is_frozen(model):
+        raise AdapterError(
+            "this model was compiled with freeze=True: its weights are constants of the compiled code and a swap "
+            "would not be seen; compile without freeze to hot-swap adapters"
+        )
 
 
 @torch.no_grad()
@@ -293,11 +343,7 @@ def set_adapter(model: nn.Module, adapter: Adapter, check_base: bool = True) -> 
     extra rows/columns of each projection are written; base blocks are never touched.
     `check_base=False` skips the base weight fingerprint and function-field checks.
     """
-    if is_frozen(model):
-        raise AdapterError(
-            "this model was compiled with freeze=True: its weights are constants of the compiled code and a swap "
-            "would not be seen; compile without freeze to hot-swap adapters"
-        )
+    _require_swappable(model)
     params = adapter_parameters(model) if is_zflora(model) else {}
     for name, t in check_fits(model, adapter, check_base).items():
         params[name].copy_(t)
@@ -319,8 +365,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     differ from the model's; the scaling follows the adapter.
     """
     adapter = read_adapter(path)
+    _require_swappable(model)  # before the surgery below, which a refusal must not leave behind
     if not is_zflora(model):
-        probe = meta_model(model.config)  # the same surgery on an empty copy: every check before the real one
+        dtype = next(model.parameters()).dtype  # values are checked for overflow in the model's own dtype
+        probe = meta_model(model.config).to(dtype)  # the same surgery on an empty copy: every check first
         apply_zflora(probe, adapter.config)
         check_fits(probe, adapter, check_base_weights=False)
         check_same_base(model, adapter, check_base)

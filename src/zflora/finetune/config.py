@@ -42,7 +42,9 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = field(default=512, metadata={"help": "tokens; longer records are truncated (and counted)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "learning-rate warm-up, a fraction of the steps"})
+    warmup_ratio: float = field(
+        default=0.03, metadata={"help": "learning-rate warm-up, a fraction of the steps in [0, 1)"}
+    )
     weight_decay: float = 0.0
     dtype: str = field(default="fp32", metadata={"choices": ("fp32", "bf16"),
                                                  "help": "bf16 only where the hardware runs it natively"})  # fmt: skip
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = field(default=None, metadata={"help": "use the first N records of each file"})
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in --output"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in --output"})
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "JSON object of TrainingArguments"})
 
@@ -64,9 +67,12 @@ class TrainConfig:
         positive_ints(self, "rank", "batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
         self.alpha = check_alpha(self.alpha, self.rank)
         finite_positive(self, "lr", "epochs")
-        for name in ("warmup_ratio", "weight_decay"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name}: must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:  # transformers reads warmup_steps >= 1 as a count of steps
+            raise ValueError(f"warmup_ratio: must be a fraction of the steps in [0, 1), got {self.warmup_ratio!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume, overwrite: give one or the other")
         if self.limit is not None:
             positive_ints(self, "limit")
         if not self.data:

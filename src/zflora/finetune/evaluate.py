@@ -88,15 +88,15 @@ def score_task(records: list[dict], responses: list[str], kind: str | None = Non
     return result
 
 
-def task_kind(name: str, examples: list[Example]) -> str:
-    """The one scoring kind of a task's records; a record without a gold answer or of another kind is an
-    error naming it (found before generating, not after)."""
+def task_kind(name: str, examples: list[Example] | list[dict[str, Any]]) -> str:
+    """The one scoring kind of a task's records (or examples); a record without a gold answer or of another
+    kind is an error naming it (found before generating, not after; and before scoring saved responses)."""
     if not examples:
         raise DataError(f"{name}: no records")
     kinds = []
     for i, ex in enumerate(examples):
         try:
-            kinds.append(infer_kind(ex.record))
+            kinds.append(infer_kind(ex.record if isinstance(ex, Example) else ex))
         except ValueError as e:
             raise DataError(f"{name}: record {i}: {e}") from None
         if kinds[i] != kinds[0]:
@@ -165,14 +165,24 @@ def score_responses_file(path: Path) -> dict[str, dict[str, Any]]:
         responses.append(row["response"])
     if not by_task:
         raise ValueError(f"{path}: no responses")
-    return {task: score_task(recs, resps) for task, (recs, resps) in by_task.items()}
+    return {
+        task: score_task(recs, resps, task_kind(f"{path}: task {task}", recs))
+        for task, (recs, resps) in by_task.items()
+    }
 
 
 def run(cfg: EvalConfig, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, Any]]:
     if cfg.responses is not None:
         results = score_responses_file(cfg.responses)
     else:
-        tasks = {task_name(p): load_examples(p, cfg.limit) for p in cfg.data}
+        names = [task_name(p) for p in cfg.data]
+        if clash := sorted({n for n in names if names.count(n) > 1}):
+            files = [str(p) for p, n in zip(cfg.data, names, strict=True) if n in clash]
+            raise DataError(
+                f"data: {', '.join(files)} all name the task {clash[0]!r} (a task is named after its "
+                "file); evaluate them in separate runs"
+            )
+        tasks = {name: load_examples(p, cfg.limit) for name, p in zip(names, cfg.data, strict=True)}
         for name, examples in tasks.items():
             task_kind(name, examples)  # before the model is even loaded
         tokenizer = load_tokenizer(cfg.model)

@@ -11,6 +11,7 @@ resumed from; and a JSON log records the loss curve, time per step and the confi
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -211,8 +212,33 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def previous_run(output: Path) -> list[Path]:
+    """What another run left in `output`: its result, log and checkpoints."""
+    return sorted(p for p in [output / "final", output / "train_log.json", *output.glob("checkpoint-*")] if p.exists())
+
+
+def claim_output(cfg: TrainConfig) -> None:
+    """Refuse an output directory that holds another run, unless resuming it or told to overwrite it (then
+    its result and checkpoints go first, so the new run neither resumes from nor rotates the old ones)."""
+    found = previous_run(cfg.output)
+    if not found or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise FileExistsError(
+            f"{cfg.output}: holds another run ({', '.join(p.name for p in found[:3])}); "
+            "pass --resume to continue it, --overwrite to replace it, or another --output"
+        )
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train and save. In a distributed run every process trains; only the main one writes the result."""
+    if is_main_process():
+        claim_output(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model, log = train_model(cfg, tokenizer=tokenizer)
     if is_main_process():

@@ -27,7 +27,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..adapter_io import CONFIG_NAME, WEIGHTS_NAME, Adapter, check_fits, read_adapter
+from ..adapter_io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Adapter,
+    base_identity,
+    check_fits,
+    check_same_base,
+    checkpoint_fingerprint,
+    read_adapter,
+)
 from ..models import meta_model, require_local
 from ..transform import UnsupportedModelError, apply_zflora
 from .config import ServeConfig
@@ -60,12 +69,13 @@ def _read_cached(path: str, stamp: tuple) -> Adapter:
     return read_adapter(path)
 
 
-def read_for_config(config: Any, path: str | os.PathLike) -> Adapter:
-    """Adapter directory `path`, checked to fit a base model of HF `config`.
+def read_for_config(config: Any, path: str | os.PathLike, base: str | os.PathLike | None = None) -> Adapter:
+    """Adapter directory `path`, checked to fit a base model of HF `config` (checkpoint directory `base`).
 
     The check builds the base on the meta device (no memory) and applies the
     adapter's config to it, so it is the same check `load_adapter` makes: base
-    shapes, tensor names and shapes. Raises before any weight is touched.
+    shapes, tensor names and shapes. With `base`, the base weights' fingerprint too,
+    read from its safetensors. Raises before any weight is touched.
     """
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         raise UnsupportedModelError(
@@ -73,9 +83,11 @@ def read_for_config(config: Any, path: str | os.PathLike) -> Adapter:
             f"got {getattr(config, 'model_type', None)!r}"
         )
     adapter = read_once(str(path))
-    base = meta_model(config)
-    apply_zflora(base, adapter.config)
-    check_fits(base, adapter)
+    model = meta_model(config)
+    if base is not None:  # the meta model has no values: the fingerprint comes from the checkpoint's files
+        check_same_base(base_identity(model) | {"fingerprint": checkpoint_fingerprint(base)}, adapter)
+    apply_zflora(model, adapter.config)
+    check_fits(model, adapter)
     return adapter
 
 
@@ -89,7 +101,8 @@ def hf_overrides(adapter: str | os.PathLike, model: str | os.PathLike | None = N
     if model is not None:
         from transformers import AutoConfig
 
-        read_for_config(AutoConfig.from_pretrained(require_local(model), local_files_only=True), path)
+        base = require_local(model)
+        read_for_config(AutoConfig.from_pretrained(base, local_files_only=True), path, base)
     else:
         read_adapter(path)
     return {"architectures": [ARCHITECTURE], ADAPTER_FIELD: str(path)}
@@ -113,9 +126,10 @@ def require_vllm() -> None:
 
 def serve_command(model: str, adapter: str | None, vllm_args: list[str]) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server for base `model` (+ zFLoRA `adapter`)."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(model).resolve())]
+    base = require_local(model)  # a fetched model's name, as every command takes; checked with or without adapter
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base.resolve())]
     if adapter is not None:
-        overrides = hf_overrides(adapter, model)
+        overrides = hf_overrides(adapter, base)
         cmd += ["--hf-overrides", json.dumps(overrides)]
         if "--served-model-name" not in vllm_args:
             cmd += ["--served-model-name", Path(adapter).resolve().name]
