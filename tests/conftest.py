@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -75,3 +78,14 @@ def stories_path() -> Path:
     if not (STORIES / "config.json").is_file():
         pytest.skip(f"real model not available at {STORIES}")
     return STORIES
+
+
+def rewrite_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Write an adapter's weights file by hand and record its sha256 in the config, as a save would: the load's
+    deeper checks (names, shapes, values, save id) are then what must refuse it."""
+    file = Path(directory) / zflora.adapter_io.WEIGHTS_NAME
+    save_file(tensors, file, metadata=metadata)
+    cfg = Path(directory) / zflora.adapter_io.CONFIG_NAME
+    meta = json.loads(cfg.read_text())
+    meta["weights_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    cfg.write_text(json.dumps(meta))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_state, randomize_adapter, state, tiny_model
+from conftest import assert_same_state, randomize_adapter, rewrite_weights, state, tiny_model
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import zflora
@@ -143,15 +143,15 @@ def test_missing_or_extra_tensors_change_nothing(tmp_path):
         header = f.metadata()  # kept, so that only the tensors are wrong
     dropped = dict(tensors)
     dropped.pop("model.layers.1.mlp.up_proj.zflora_B")
-    save_file(dropped, file, metadata=header)
+    rewrite_weights(file.parent, dropped, header)
     _check_rejected(tmp_path, model, zflora.AdapterError, "missing 1: model.layers.1.mlp.up_proj.zflora_B")
-    save_file({**tensors, "model.layers.9.extra": torch.zeros(2)}, file, metadata=header)
+    rewrite_weights(file.parent, {**tensors, "model.layers.9.extra": torch.zeros(2)}, header)
     _check_rejected(tmp_path, model, zflora.AdapterError, "unexpected 1: model.layers.9.extra")
     name = "model.layers.0.self_attn.q_proj.zflora_B"
     bad = {**tensors, name: torch.full_like(tensors[name], float("nan"))}
-    save_file(bad, file, metadata=header)
+    rewrite_weights(file.parent, bad, header)
     _check_rejected(tmp_path, model, zflora.AdapterError, "q_proj.zflora_B holds non-finite")
-    save_file(tensors, file)  # the right tensors, but not from the save that wrote the config
+    rewrite_weights(file.parent, tensors)  # the right tensors, but not from the save that wrote the config
     _check_rejected(tmp_path, model, zflora.AdapterError, "written by another save")
 
 

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 import torch
-from conftest import assert_same_state, randomize_adapter, state, tiny_model
-from safetensors.torch import load_file, save_file
+from conftest import assert_same_state, randomize_adapter, rewrite_weights, state, tiny_model
+from safetensors.torch import load_file
 from test_hardening import _header
 from test_serve import save_base
 
@@ -37,7 +37,7 @@ def _set_tensor(path, name, value, dtype=torch.float32):
     file = path / WEIGHTS_NAME
     tensors, header = load_file(file), _header(file)
     tensors[name] = torch.full(tensors[name].shape, value, dtype=dtype)
-    save_file(tensors, file, metadata=header)
+    rewrite_weights(file.parent, tensors, header)
 
 
 @pytest.mark.parametrize(
@@ -169,9 +169,102 @@ def test_serve_refuses_an_adapter_from_another_base_of_the_same_shapes(tmp_path)
     zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
     randomize_adapter(model)
     zflora.save_adapter(model, tmp_path / "ad")
-    assert checkpoint_fingerprint(tmp_path / "base") == zflora.adapter_io.base_fingerprint(model)
+    assert checkpoint_fingerprint(tmp_path / "base", 2) == zflora.adapter_io.base_fingerprint(model)
     serve_command(str(tmp_path / "base"), str(tmp_path / "ad"), [])  # its own base: accepted
     with pytest.raises(AdapterError, match="weights of embed_tokens differ"):
         serve_command(str(tmp_path / "other"), str(tmp_path / "ad"), [])
     with pytest.raises(AdapterError, match="weights of embed_tokens differ"):  # what load_adapter says too
         zflora.load_adapter(zflora.models.load_local_model(tmp_path / "other"), tmp_path / "ad")
+
+
+# --------------------------------------------------------------------------- weak spots
+
+
+def test_flipped_bytes_that_still_parse_are_refused(tmp_path):
+    """No content checksum: a flipped byte inside a tensor's data loaded silently."""
+    path = _saved(tmp_path)
+    file = path / WEIGHTS_NAME
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x01  # the last tensor's data: the file still parses
+    file.write_bytes(bytes(data))
+    zflora.adapter_io._read_tensors(file, None)  # it does parse
+    model = tiny_model(tie=True)
+    with pytest.raises(AdapterError, match="differs from the sha256 recorded at save"):
+        zflora.load_adapter(model, path)
+    assert not zflora.is_zflora(model)
+
+
+def test_a_base_that_differs_in_a_later_layer_is_refused(tmp_path):
+    """The fingerprint covered 3 tensors of the first layer; now every layer's q and down projections."""
+    path = _saved(tmp_path)
+    other = tiny_model(tie=True)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight[0, :4] += 0.5
+    with pytest.raises(AdapterError, match="weights of layers.1.down_proj differ"):
+        zflora.load_adapter(other, path)
+    assert not zflora.is_zflora(other)
+
+
+@pytest.mark.parametrize("value", ["abc", 3, ["x"]])
+def test_a_fingerprint_of_the_wrong_type_is_refused(tmp_path, value):
+    """A fingerprint that was a string turned the base check off."""
+    path = _saved(tmp_path)
+    meta = json.loads((path / "adapter_config.json").read_text())
+    meta["base_model"]["fingerprint"] = value
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="fingerprint must be an object"):
+        zflora.load_adapter(tiny_model(tie=True), path)
+
+
+def test_an_older_three_tensor_fingerprint_still_loads(tmp_path, ids):
+    path = _saved(tmp_path)
+    meta = json.loads((path / "adapter_config.json").read_text())
+    fp = meta["base_model"]["fingerprint"]
+    meta["base_model"]["fingerprint"] = {k: fp[k] for k in ("embed_tokens", "layers.0.q_proj", "norm")}
+    (path / "adapter_config.json").write_text(json.dumps(meta))
+    zflora.load_adapter(tiny_model(tie=True), path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [({"learning_rate": 1.0}, "learning_rate set by zflora train"), ({"no_such_field": 1}, "no_such_field is not")],
+)
+def test_extra_training_arguments_are_checked(tmp_path, extra, match):
+    from zflora.finetune.train import check_extra
+
+    with pytest.raises(ValueError, match=match):
+        check_extra(extra, {"learning_rate": 1e-3})
+
+
+def test_damaged_scheduler_or_rng_state_falls_back_a_checkpoint(tmp_path):
+    """Checkpoint fallback checked the optimizer and the adapter, not scheduler.pt or rng_state.pth."""
+    from zflora.finetune.train import COMPLETE, checkpoint_problem
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / COMPLETE).write_text("complete\n")
+    torch.save({"lr": [1.0]}, ckpt / "scheduler.pt")
+    assert checkpoint_problem(ckpt) is None
+    for name in ("scheduler.pt", "rng_state.pth"):
+        (ckpt / name).write_bytes(b"\x80\x02truncated")
+        assert checkpoint_problem(ckpt) is not None
+        (ckpt / name).unlink()
+
+
+@pytest.mark.parametrize(("content", "match"), [("[1, 2]", "expected a JSON object"), (b"\xff\xfe{", "not valid JSON")])
+def test_an_onnx_manifest_that_is_not_an_object_is_named(tmp_path, content, match):
+    from zflora.export.onnx import MANIFEST, read_manifest
+
+    (tmp_path / MANIFEST).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(AdapterError, match=match):
+        read_manifest(tmp_path)
+
+
+def test_deeply_nested_data_is_a_one_line_error(tmp_path):
+    from zflora.finetune.data import load_records
+
+    for name in ("deep.json", "deep.jsonl"):
+        (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000 + "\n")
+        with pytest.raises(DataError, match="nested too deeply"):
+            load_records(tmp_path / name)

@@ -19,6 +19,7 @@ projection: adapter hot-swap.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .compiled import is_frozen
@@ -74,51 +75,51 @@ def _rope_theta(cfg: Any) -> float | None:
     return None if theta is None else float(theta)
 
 
-# The base tensors fingerprinted, by their names in a Hugging Face checkpoint.
-FINGERPRINTED = {
-    "embed_tokens": "model.embed_tokens.weight",
-    "layers.0.q_proj": "model.layers.0.self_attn.q_proj.weight",
-    "norm": "model.norm.weight",
-}
+def fingerprinted(layers: int) -> dict[str, str]:
+    """The base tensors fingerprinted, by their names in a Hugging Face checkpoint: the embedding, the final
+    norm, and every layer's q and down projections, so a base that differs in any layer is caught."""
+    names = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
+    for i in range(layers):
+        names[f"layers.{i}.q_proj"] = f"model.layers.{i}.self_attn.q_proj.weight"
+        names[f"layers.{i}.down_proj"] = f"model.layers.{i}.mlp.down_proj.weight"
+    return names
 
 
 def _leading(t: torch.Tensor) -> list[float]:
-    """The fingerprint of one tensor: the leading values of its first row (of the vector itself)."""
+    """The fingerprint of one tensor: the leading values of its first row (of the vector itself). A fused
+    weight keeps its base block first in both directions, so these are base values in either form."""
     return (t[0] if t.dim() > 1 else t).detach()[:FINGERPRINT_VALUES].float().cpu().tolist()
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, list[float]] | None:
-    """The leading values of three base tensors (embedding, first q projection, final norm gain).
-
-    Cheap, and the same in either zFLoRA form (a fused weight keeps the base block first)
-    and, within rounding, in any dtype. None for a model on the meta device.
-    """
+    """The leading values of the `fingerprinted` base tensors: cheap, the same in either zFLoRA form and,
+    within rounding, in any dtype. None for a model on the meta device."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tensors = {
-        "embed_tokens": inner.model.embed_tokens.weight,
-        "layers.0.q_proj": inner.model.layers[0].self_attn.q_proj.weight,
-        "norm": inner.model.norm.weight,
-    }
+    tensors = {"embed_tokens": inner.model.embed_tokens.weight, "norm": inner.model.norm.weight}
+    for i, layer in enumerate(inner.model.layers):
+        tensors[f"layers.{i}.q_proj"] = layer.self_attn.q_proj.weight
+        tensors[f"layers.{i}.down_proj"] = layer.mlp.down_proj.weight
     if any(t.is_meta for t in tensors.values()):
         return None
     return {k: _leading(t) for k, t in tensors.items()}
 
 
-def checkpoint_fingerprint(directory: str | os.PathLike) -> dict[str, list[float]] | None:
-    """`base_fingerprint` of a checkpoint directory, read from its safetensors files without loading the model
-    (a few hundred bytes per tensor); None where it has no safetensors weights or lacks one of the tensors."""
-    found: dict[str, list[float]] = {}
+def checkpoint_fingerprint(directory: str | os.PathLike, layers: int) -> dict[str, list[float]] | None:
+    """`base_fingerprint` of a checkpoint directory with `layers` layers, read from its safetensors files without
+    loading the model (a few hundred bytes per tensor); None where it has no safetensors weights or lacks one
+    of the tensors."""
+    wanted, found = fingerprinted(layers), {}
     for file in sorted(Path(directory).glob("*.safetensors")):
         try:
             with safe_open(file, framework="pt") as f:
                 names = set(f.keys())
-                for short, name in FINGERPRINTED.items():
+                for short, name in wanted.items():
                     if short not in found and name in names:
                         part = f.get_slice(name)
                         found[short] = _leading(part[0:1] if len(part.get_shape()) > 1 else part[:FINGERPRINT_VALUES])
         except SafetensorError as e:
             raise AdapterError(f"{file}: unreadable safetensors file ({e})") from None
-    return found if len(found) == len(FINGERPRINTED) else None
+    return found if len(found) == len(wanted) else None
 
 
 def base_identity(model: nn.Module) -> dict[str, Any]:
@@ -155,8 +156,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")]:
         _remove_if_stale(stale)
-    header = {"format": "pt", "zflora_save_id": save_id}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=header))
+    blob = save(tensors, metadata={"format": "pt", "zflora_save_id": save_id})
+    meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()  # checked at load: flipped bytes that still parse
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(blob))
     write_json(path / CONFIG_NAME, meta, indent=2)
     return path
 
@@ -208,6 +210,14 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str
     return config, ident, save_id if isinstance(save_id, str) else None
 
 
+def _weights_digest(path: Path) -> str | None:
+    """The weights file's sha256 recorded at save (None for adapters saved before it was recorded)."""
+    digest = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get("weights_sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise AdapterError(f"{path / CONFIG_NAME}: weights_sha256 must be a string")
+    return digest
+
+
 @dataclass
 class Adapter:
     """An adapter read into memory: its config, the base it was trained on, its tensors."""
@@ -218,7 +228,7 @@ class Adapter:
     source: str = ""
 
 
-def _read_tensors(file: Path, save_id: str | None) -> dict[str, torch.Tensor]:
+def _read_tensors(file: Path, save_id: str | None, digest: str | None = None) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing")
     try:
@@ -231,6 +241,11 @@ def _read_tensors(file: Path, save_id: str | None) -> dict[str, torch.Tensor]:
         raise AdapterError(
             f"{file}: written by another save than {CONFIG_NAME} beside it (save ids {written_by!r} and "
             f"{save_id!r}): a save was interrupted between its two files; save the adapter again"
+        )
+    # after the diagnoses above, which say more than a mismatch
+    if digest is not None and hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+        raise AdapterError(
+            f"{file}: content differs from the sha256 recorded at save ({CONFIG_NAME}); the file was changed or damaged"
         )
     for name, t in tensors.items():
         _require_float(file, name, t)
@@ -248,7 +263,7 @@ def read_adapter(path: str | os.PathLike, model: nn.Module | None = None, check_
     """Read and validate an adapter directory; with `model`, also check that it fits that model."""
     path = Path(path)
     config, ident, save_id = read_adapter_config(path)
-    adapter = Adapter(config, ident, _read_tensors(path / WEIGHTS_NAME, save_id), str(path))
+    adapter = Adapter(config, ident, _read_tensors(path / WEIGHTS_NAME, save_id, _weights_digest(path)), str(path))
     if model is not None:
         check_fits(model, adapter, check_base)
     return adapter
@@ -260,12 +275,16 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _fingerprint_differs(mine: dict[str, list[float]] | None, theirs: Any) -> list[str]:
-    if not mine or not isinstance(theirs, dict):
+def _fingerprint_differs(mine: dict[str, list[float]] | None, theirs: Any, where: str) -> list[str]:
+    if theirs is not None and not isinstance(theirs, dict):
+        raise AdapterError(f"{where}: base_model.fingerprint must be an object, got {type(theirs).__name__}")
+    if not mine or not theirs:
         return []  # a meta model, or an adapter saved before fingerprints: nothing to compare
     out = []
     for name, values in mine.items():
-        other = theirs.get(name)
+        if name not in theirs:
+            continue  # fingerprinted by an older version (three tensors): compared where both have values
+        other = theirs[name]
         if not isinstance(other, list) or len(other) != len(values):
             out.append(name)
             continue
@@ -284,7 +303,8 @@ def check_same_base(model: nn.Module | dict[str, Any], adapter: Adapter, weights
     if weights:
         diff += [f"{k}: adapter {ident[k]!r}, model {mine[k]!r}" for k in FUNCTION_FIELDS
                  if ident.get(k) is not None and mine[k] is not None and not _same(ident[k], mine[k])]  # fmt: skip
-        diff += [f"weights of {n} differ" for n in _fingerprint_differs(mine["fingerprint"], ident.get("fingerprint"))]
+        differs = _fingerprint_differs(mine["fingerprint"], ident.get("fingerprint"), where)
+        diff += [f"weights of {n} differ" for n in differs]
     if diff:
         hint = "" if not weights else " (check_base=False loads it anyway, for those who know it fits)"
         raise AdapterError(f"{where}: adapter was trained on a different base model ({'; '.join(diff)}){hint}")

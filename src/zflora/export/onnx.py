@@ -220,9 +220,12 @@ def read_manifest(output: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{output}: no {MANIFEST}; not a zflora ONNX export")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(manifest, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
 
 
 # --------------------------------------------------------------------------- adapter swap

@@ -120,6 +120,8 @@ def _parse_jsonl(path: Path, text: str) -> list[Any]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: line {n}: JSON nested too deeply") from None
     return records
 
 
@@ -128,6 +130,8 @@ def _parse_json(path: Path, text: str) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data

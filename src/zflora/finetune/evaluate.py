@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..adapter_io import CONFIG_NAME, read_adapter, set_adapter
+from ..adapter_io import CONFIG_NAME, AdapterError, read_adapter, set_adapter
 from ..files import write_json, write_text
 from ..models import load_local_model, load_tokenizer
 from ..transform import apply_zflora, fuse
@@ -42,7 +42,12 @@ def load_for_eval(model_path: Path, adapter: Path | None, dtype: torch.dtype = t
         return fuse(model).eval()
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, KeyError, ValueError) as e:  # size mismatches: an adapter of another base
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{adapter}: this PEFT adapter does not fit the model in {model_path} ({first})") from None
+    return peft_model.merge_and_unload().eval()
 
 
 @torch.no_grad()

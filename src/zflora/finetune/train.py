@@ -10,6 +10,7 @@ resumed from; and a JSON log records the loss curve, time per step and the confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -23,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import safe_globals
 
 from ..adapter_io import CONFIG_NAME, load_adapter, read_adapter, save_adapter
 from ..files import write_json, write_text
@@ -89,8 +91,10 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why a complete checkpoint cannot be resumed from (a damaged file), or None if it can."""
     try:
         json.loads((path / "trainer_state.json").read_text())
-        if (path / "optimizer.pt").exists():
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        with safe_globals():  # the numpy types Trainer's RNG state holds, as Trainer loads it
+            for state in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+                if (path / state).exists():
+                    torch.load(path / state, map_location="cpu", weights_only=True)
         for weights in path.glob("*.safetensors"):
             with safe_open(weights, framework="pt") as f:
                 names = f.keys()
@@ -113,6 +117,19 @@ def resume_point(output: Path) -> Path:
     raise FileNotFoundError(f"{output}: no complete, undamaged checkpoint to resume from")
 
 
+def check_extra(extra: dict[str, Any], ours: dict[str, Any]) -> None:
+    """`--extra` may add TrainingArguments, not restate one of zflora's own flags or name an unknown one."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if unknown := sorted(set(extra) - known):
+        raise ValueError(
+            f"extra: {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} TrainingArguments field(s)"
+        )
+    if clash := sorted(set(extra) & set(ours)):
+        raise ValueError(
+            f"extra: {', '.join(clash)} set by zflora train's own flags (or fixed by it); use the flag instead"
+        )
+
+
 def build_trainer(
     cfg: TrainConfig, model: nn.Module, tokenizer: Any, features: list[dict], callbacks: list[TrainerCallback]
 ) -> AdapterTrainer:
@@ -121,7 +138,7 @@ def build_trainer(
         save = (
             {"save_strategy": "steps", "save_steps": cfg.save_steps} if cfg.save_steps > 0 else {"save_strategy": "no"}
         )
-    args = TrainingArguments(
+    ours = dict(
         output_dir=str(cfg.output),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -144,8 +161,9 @@ def build_trainer(
         disable_tqdm=not cfg.progress,
         remove_unused_columns=False,
         **save,
-        **cfg.extra,
     )
+    check_extra(cfg.extra, ours)
+    args = TrainingArguments(**ours, **cfg.extra)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     return AdapterTrainer(model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
 

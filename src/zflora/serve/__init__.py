@@ -85,7 +85,8 @@ def read_for_config(config: Any, path: str | os.PathLike, base: str | os.PathLik
     adapter = read_once(str(path))
     model = meta_model(config)
     if base is not None:  # the meta model has no values: the fingerprint comes from the checkpoint's files
-        check_same_base(base_identity(model) | {"fingerprint": checkpoint_fingerprint(base)}, adapter)
+        fingerprint = checkpoint_fingerprint(base, config.num_hidden_layers)
+        check_same_base(base_identity(model) | {"fingerprint": fingerprint}, adapter)
     apply_zflora(model, adapter.config)
     check_fits(model, adapter)
     return adapter
