@@ -268,3 +268,34 @@ def test_deeply_nested_data_is_a_one_line_error(tmp_path):
         (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000 + "\n")
         with pytest.raises(DataError, match="nested too deeply"):
             load_records(tmp_path / name)
+
+
+def test_stack_api_edges_are_explained(tmp_path):
+    """route("0") / route(None) gave torch's messages, stack_adapters([None]) a TypeError, swap_slot(True) took
+    slot 1, save_adapter on a stack said it had no adapter, and a frozen compiled stack accepted a swap."""
+    path = _saved(tmp_path)
+    model = zflora.stack_adapters(tiny_model(tie=True), [path, path])
+    for ids in ("0", None, 3):
+        with pytest.raises(ValueError, match="adapter_ids"), zflora.route(model, ids):
+            pass
+    with pytest.raises(ValueError, match="slot: must be an integer"):
+        zflora.swap_slot(model, True, path)
+    with pytest.raises(AdapterError, match="holds stacked adapters"):
+        zflora.save_adapter(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="each must be an adapter directory or an Adapter, got NoneType"):
+        zflora.stack_adapters(tiny_model(tie=True), [None])
+    zcompile(model, freeze=True)
+    before = state(model)
+    with pytest.raises(AdapterError, match="freeze=True"):
+        zflora.swap_slot(model, 0, path)
+    assert_same_state(before, state(model))
+
+
+def test_eval_output_that_is_a_directory_is_refused_before_generating(tmp_path, stories_path):
+    """eval --output DIR failed only after all generation, leaving DIR.responses.jsonl behind."""
+    (tmp_path / "out").mkdir()
+    data = tmp_path / "t.json"
+    data.write_text('[{"instruction": "q", "answer": "true"}]')
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(["eval", "--model", str(stories_path), "--data", str(data), "--output", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t.json"]

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import zflora
-from zflora.adapter_io import CONFIG_NAME, STALE_TMP_S, WEIGHTS_NAME, Adapter, AdapterError, base_identity
+from zflora.adapter_io import CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterError, base_identity
 from zflora.cli import main
+from zflora.files import STALE_S
 from zflora.finetune.data import DataError, load_examples
 from zflora.finetune.evaluate import task_kind
 from zflora.finetune.scoring import score_response
@@ -58,7 +59,7 @@ def test_save_removes_temporaries_of_a_crashed_save(tmp_path):
     (path / f".{WEIGHTS_NAME}.abc123.tmp").write_bytes(b"")
     (path / f".{CONFIG_NAME}.def456.tmp").write_text("{")
     for stale in path.glob(".*.tmp"):  # an hour old: no writer is still at them
-        os.utime(stale, (time.time() - 2 * STALE_TMP_S,) * 2)
+        os.utime(stale, (time.time() - 2 * STALE_S,) * 2)
     (path / f".{WEIGHTS_NAME}.inflight.tmp").write_bytes(b"")  # another writer's, just created: kept
     (path / "optimizer.pt").write_bytes(b"kept")  # a Trainer checkpoint's own files are left alone
     zflora.save_adapter(_adapted(seed=2), path)

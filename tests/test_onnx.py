@@ -13,6 +13,7 @@ from conftest import tiny_model
 
 import zflora
 from zflora.adapter_io import AdapterError
+from zflora.files import current_umask
 from zflora.methods import randomize_lora
 from zflora.models import cache_kwarg, load_local_model
 
@@ -77,6 +78,9 @@ def test_adapter_file_holds_exactly_the_adapter(exported) -> None:
     expected = sum(p.numel() for p in zflora.adapter_parameters(model).values()) * 4  # fp32 bytes
     assert (out / zonnx.ADAPTER).stat().st_size == expected == sum(4 * np.prod(b["shape"]) for b in blocks.values())
     assert len(blocks) == 2 * 7 + 1  # seven projections per layer, two layers, and A_in
+    umask = current_umask()  # the files get the user's umask, not mkdtemp's private modes
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_swap_equals_the_model_with_the_new_adapter(exported, tmp_path) -> None:

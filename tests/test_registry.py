@@ -11,6 +11,8 @@ import torch
 
 import zflora
 from zflora import registry
+from zflora.cli import main
+from zflora.files import STALE_S
 from zflora.models import load_local_model, require_local
 
 
@@ -130,3 +132,26 @@ def test_real_smollm2_answers_when_fetched():
     except FileNotFoundError:
         pytest.skip("SmolLM2-135M-Instruct not fetched (zflora models get smollm2-135m-instruct)")
     assert "paris" in registry.answer(path, "What is the capital of France?").lower()
+
+
+def test_a_damaged_cache_is_refused_and_fetched_again(tmp_path, fake_model, monkeypatch):
+    """A truncated cached model counted as fetched: `get` returned at once, and loading it gave a traceback."""
+    import os
+    import time
+
+    path = registry.get("tiny")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(FileNotFoundError, match="cached model is damaged .*model.safetensors is"):
+        require_local("tiny")
+    stale = path.parent / ".tiny.killed"  # a `models get` killed an hour ago
+    stale.mkdir()
+    os.utime(stale, (time.time() - 2 * STALE_S,) * 2)
+    fresh = path.parent / ".tiny.running"  # one still running
+    fresh.mkdir()
+    assert registry.get("tiny") == path and len(fake_model) == 2  # fetched again
+    assert require_local("tiny") == path and not stale.exists() and fresh.exists()
+    load_local_model("tiny")
+    monkeypatch.setitem(registry.MODELS, "other", registry.MODELS["tiny"])
+    with pytest.raises(SystemExit, match="other: not fetched yet"):
+        main(["models", "path", "other"])

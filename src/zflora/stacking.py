@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .adapter_io import Adapter, AdapterError, check_fits, check_same_base, read_adapter
+from .compiled import is_frozen
 from .config import INPUT_PROJECTIONS, ZFLoRAConfig
 from .fusion import Kind, adapter_block, block_of, fused_bias, fused_gain, routed_gain, stacked_weight
 from .models import meta_model
@@ -103,6 +104,8 @@ def _require_stacked(model: nn.Module) -> Stack:
 
 def _read(model: nn.Module, item: AdapterLike, check_base: bool, probes: dict) -> Adapter:
     """Read and check one adapter against `model`'s base: the same checks as `load_adapter`."""
+    if not isinstance(item, Adapter | str | os.PathLike):
+        raise ValueError(f"adapters: each must be an adapter directory or an Adapter, got {type(item).__name__}")
     adapter = item if isinstance(item, Adapter) else read_adapter(item)
     key = repr(adapter.config.to_dict() | {"target_modules": adapter.config.target_modules})
     if key not in probes:  # the adapter's surgery on an empty copy gives the expected names and shapes
@@ -199,7 +202,9 @@ def swap_slot(model: nn.Module, slot: int, adapter: AdapterLike, check_base: boo
     expand_input may differ. Checked before the first write: on error the model is unchanged.
     """
     stack = _require_stacked(model)
-    if not isinstance(slot, int) or not 0 <= slot < len(stack.slots):
+    if is_frozen(model):
+        raise AdapterError("this model was compiled with freeze=True: a swap would not be seen; compile without freeze")
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(stack.slots):
         raise ValueError(f"slot: must be an integer in 0..{len(stack.slots) - 1}, got {slot!r}")
     new = _read(model, adapter, check_base, {})
     old = stack.slots[slot]
@@ -235,6 +240,10 @@ def route(model: nn.Module, adapter_ids: torch.Tensor | Sequence[int]) -> Iterat
     previous one is restored on exit.
     """
     stack = _require_stacked(model)
+    if not isinstance(adapter_ids, torch.Tensor) and (
+        isinstance(adapter_ids, str | bytes) or not isinstance(adapter_ids, Sequence)
+    ):
+        raise ValueError(f"adapter_ids: a sequence or 1-D tensor of slot ids, got {type(adapter_ids).__name__}")
     ids = torch.as_tensor(adapter_ids)
     if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(

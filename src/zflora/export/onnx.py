@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter_io import AdapterError, base_identity, check_fits, check_same_base, read_adapter
-from ..files import atomic_write, write_json
+from ..files import apply_umask, atomic_write, remove_stale, write_json
 from ..fusion import Kind, adapter_block, block_of
 from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
@@ -176,6 +176,7 @@ def export(
         adapter_info = {"config": model.zflora_config.to_dict(), "sources": sources}
     method = method or ("zflora" if zf else "lora" if hasattr(model, "peft_config") else "base")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(p for p in out.parent.glob(f".{out.name}.*") if p.is_dir())  # of exports that were killed
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _export_graph(export_model, work / "raw" / GRAPH, last_logits)
@@ -195,6 +196,7 @@ def export(
                                    "source": source,
                                    "sha256": _sha256(work / ADAPTER)}  # fmt: skip
         write_json(work / MANIFEST, manifest, indent=2)
+        apply_umask(work)  # mkdtemp's directory is private; an export is readable like any other files
         _replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -177,6 +177,8 @@ def score_responses_file(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def run(cfg: EvalConfig, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, Any]]:
+    if cfg.output is not None and cfg.output.is_dir():  # found now, not after all the generation
+        raise IsADirectoryError(f"{cfg.output}: is a directory; --output names the results JSON file")
     if cfg.responses is not None:
         results = score_responses_file(cfg.responses)
     else:
