@@ -24,9 +24,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import zflora
 from zflora.cli import main
-from zflora.fusion import fuse_state_dict
 from zflora.modules import HiddenReadLinear
 from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, hf_overrides, read_for_config
+from zflora.serve.checkpoint import fuse_state_dict
 
 CASES = {
     # name: (ZFLoRAConfig kwargs, tied embeddings)

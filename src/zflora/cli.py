@@ -19,7 +19,7 @@ from typing import Any
 # name: (config "module:Class", runner "module:function", one-line help)
 COMMANDS = {
     "demo": ("zflora.demo:DemoConfig", "zflora.demo:run", "apply zFLoRA to a real local model, show its invariants"),
-    "bench": ("zflora.bench.config:BenchConfig", "zflora.bench.hf:main",
+    "bench": ("zflora.bench.config:BenchConfig", "zflora.bench:main",
               "latency: base vs LoRA vs zFLoRA in transformers (--full: every method, one-projection sweep)"),
     "train": ("zflora.finetune.config:TrainConfig", "zflora.finetune.train:main",
               "fine-tune with zflora, zflora-mha, lora, lora-mha or fft (HF Trainer)"),

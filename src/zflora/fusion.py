@@ -15,26 +15,17 @@ n_h and n_{z_j} only and the row computes exactly single-adapter zFLoRA j.
 A projection the adapter does not target gets zeros in its block: it reads n_h only
 or writes nothing to z. Every engine builds its fused weights here: `zflora.fuse`
 (the module route), the fused hot-swap (which rewrites only the adapter block, in
-place) and the vLLM loader (`fuse_state_dict`, as the base checkpoint streams in).
+place) and the vLLM loader (`zflora.serve.checkpoint`, as the base checkpoint streams in).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-from .config import INPUT_PROJECTIONS
-
-if TYPE_CHECKING:
-    from .adapter_io import Adapter
-
 Kind = Literal["in", "out"]
-
-_PROJECTION = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj)\.(weight|bias)")
-_NORM = re.compile(r"model\.(?:layers\.\d+\.(?:input|post_attention)_layernorm|norm)\.weight")
 
 
 def adapter_block(
@@ -93,36 +84,3 @@ def routed_gain(gain: torch.Tensor, spans: Sequence[tuple[int, int]], adapter_id
     for j, (start, stop) in enumerate(spans):
         keep[ids == j, :, start:stop] = True
     return gain.detach() * keep
-
-
-def fuse_state_dict(
-    weights: Iterable[tuple[str, torch.Tensor]], adapter: Adapter, tie_word_embeddings: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """A base checkpoint's tensors (Hugging Face names) in the fused form, one at a time, as they stream in.
-
-    Projections and norms as in the table above; the LM head [W | s B] when the adapter
-    adapts it (made from the embedding when tied); the embedding's A_in comes last as
-    `model.zflora_A_in`. The tensors equal those of `zflora.fuse` on the Hugging Face
-    model, where an untargeted input projection reads a view of n_h instead of zero columns.
-    """
-    cfg, t = adapter.config, adapter.tensors
-    r, s = cfg.r, cfg.scaling
-    for name, w in weights:
-        if m := _PROJECTION.fullmatch(name):
-            key, proj, part = m.groups()
-            kind: Kind = "in" if proj in INPUT_PROJECTIONS else "out"
-            if part == "weight":
-                w = fused_weight(kind, w, t.get(f"{key}.zflora_{'B' if kind == 'in' else 'A'}"), s, r)
-            elif kind == "out":
-                w = fused_bias(w, r)
-        elif _NORM.fullmatch(name):
-            w = fused_gain(w, r)
-        elif name == "lm_head.weight" and cfg.lm_head:
-            if tie_word_embeddings:
-                continue  # made from the embedding below
-            w = fused_weight("in", w, t.get("lm_head.zflora_B"), s, r)
-        yield name, w
-        if name == "model.embed_tokens.weight" and cfg.lm_head and tie_word_embeddings:
-            yield "lm_head.weight", fused_weight("in", w, t.get("lm_head.zflora_B"), s, r)
-    if cfg.expand_input:
-        yield "model.zflora_A_in", t["model.embed_tokens.zflora_A_in"]

@@ -176,16 +176,24 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 def answer(path: Path, prompt: str, max_new_tokens: int = 24) -> str:
     """The converted model's greedy answer to `prompt` through its chat template (or plain, without one)."""
-    from .models import load_local_model, load_tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer, model = load_tokenizer(path), load_local_model(path)
+    # transformers directly, not zflora.models (which resolves registry names through this module)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
     else:
         text = prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        **ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 

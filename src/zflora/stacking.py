@@ -31,7 +31,7 @@ from .config import INPUT_PROJECTIONS, ZFLoRAConfig
 from .fusion import Kind, adapter_block, block_of, fused_bias, fused_gain, routed_gain, stacked_weight
 from .models import meta_model
 from .modules import FusedRMSNorm, HiddenReadLinear, ZFLoRAEmbedding
-from .transform import LAYER_NORMS, _check_supported, apply_zflora, install, layer_projections
+from .transform import LAYER_NORMS, apply_zflora, check_supported, install, layer_projections
 
 AdapterLike = Adapter | str | os.PathLike
 
@@ -152,7 +152,7 @@ def stack_adapters(model: nn.Module, adapters: Sequence[AdapterLike], check_base
     Every adapter is read and checked first (its base, tensor names and shapes, finite values in the
     model's dtype); on error the model is unchanged.
     """
-    _check_supported(model)
+    check_supported(model)
     if isinstance(adapters, str | os.PathLike | Adapter) or not adapters:
         raise ValueError("adapters: give a non-empty list of adapter directories or Adapter objects")
     probes: dict = {}

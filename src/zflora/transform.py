@@ -47,7 +47,7 @@ class UnsupportedModelError(TypeError, ValueError):
     ValueError so that commands report it as a bad input)."""
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
     name = type(model).__name__
     if hasattr(model, "zflora_config"):
         raise UnsupportedModelError("this model already carries a zFLoRA adapter; use load_adapter to swap it")
@@ -93,7 +93,7 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
     """
     if not isinstance(config, ZFLoRAConfig):
         raise TypeError(f"config must be a ZFLoRAConfig, got {type(config).__name__}")
-    _check_supported(model)
+    check_supported(model)
     config = dataclasses.replace(config)
     inner, r = model.model, config.r
     d = inner.embed_tokens.embedding_dim

@@ -20,7 +20,7 @@ from ..methods import lora_config, random_adapter
 from ..transform import adapter_parameters
 from .harness import Timer
 from .report import target
-from .switch import _time
+from .switch import time_switch
 
 
 def compile_models(models: dict[str, nn.Module], rank: int, freeze: bool) -> None:
@@ -49,7 +49,7 @@ def warm_up(runner: Any, lengths: tuple[int, ...]) -> dict[str, Any]:
 def _swap_row(method: str, operation: str, swap: Callable[[int], Any], step: Callable[[], Any], timer: Timer) -> dict:
     """Time `swap` (alternating two adapters), then count the graphs compiled by swap + forward. Two steps
     first: the KV cache's own states (a cropped cache has other strides) compile their graphs there."""
-    row = _time(method, operation, timer, 5, swap)
+    row = time_switch(method, operation, timer, 5, swap)
     step()
     step()
     before = compile_count()

@@ -13,7 +13,6 @@ together, else measured one at a time.
 
 from __future__ import annotations
 
-import copy
 import gc
 from dataclasses import asdict
 from typing import Any
@@ -22,111 +21,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..adapter_io import set_adapter
 from ..charts import figure, save_figure
 from ..config import check_alpha
 from ..hardware import auto_dtype, describe_machine, environment
-from ..methods import prepare_model, random_adapter, randomize_lora
-from ..models import cache_kwarg, load_local_model, preset_config, random_model, torch_dtype
-from ..transform import adapter_parameters, fuse
+from ..models import load_local_model, preset_config, random_model, torch_dtype
+from ..transform import adapter_parameters
 from . import compiled, projection, switch
+from .common import Runner, build_method, empty_samples, measure_round, phase_label
 from .config import BenchConfig
 from .harness import Timer, available_bytes, model_bytes, pick_device, rotated
-from .report import Key, bar_chart, md_table, rows, target, targets_table, write_outputs
-
-
-def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool) -> nn.Module:
-    """Derive `method`'s model from `base`: PEFT LoRA (random non-zero B), merged, or fused zFLoRA.
-
-    With `keep_base` the base stays intact: unmerged LoRA shares its weights (PEFT leaves
-    them unchanged), the others get their own copy. Without it, `base` itself is changed.
-    """
-    if method == "base":
-        return _inference_state(base)
-    model = base
-    if keep_base:
-        shared = method in ("lora", "lora-mha")
-        memo = {id(t): t for t in [*base.parameters(), *base.buffers()]} if shared else {}
-        model = copy.deepcopy(base, memo)
-    if method.startswith("lora"):
-        model = prepare_model(model, "lora-mha" if method == "lora-mha" else "lora", r=cfg.rank, alpha=cfg.alpha)
-        randomize_lora(model, cfg.seed + 1)
-        if method == "lora-merged":
-            model.merge_adapter()
-    else:
-        prepare_model(model, method, r=cfg.rank, alpha=cfg.alpha)
-        set_adapter(model, random_adapter(model, cfg.seed + 1))
-        fuse(model)
-    return _inference_state(model)
-
-
-def _inference_state(model: nn.Module) -> nn.Module:
-    """Every method measured alike: eval mode, parameters as `from_pretrained` leaves them.
-
-    Under `torch.no_grad` the requires_grad flag changes no arithmetic, but PyTorch's
-    matmul uses it to pick a path: a *frozen* LM head fed HF's last-position slice
-    (`logits_to_keep=1`) makes it copy the whole head weight (about 3 s of a 1B prefill
-    on a CPU). PEFT freezes the base, so leaving flags as each method sets them would
-    charge LoRA for that artifact. zFLoRA's own modules avoid it either way.
-    """
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model.eval()
-
-
-class Runner:
-    """Prefill and decode of one model, with its own KV cache at the decode context."""
-
-    def __init__(self, model: nn.Module, cfg: BenchConfig, device: torch.device) -> None:
-        self.model, self.cfg = model, cfg
-        self.cache_kwarg = cache_kwarg(model)
-        self.extra: dict[str, Any] = {}  # more forward keywords (PEFT's adapter_names)
-        g = torch.Generator().manual_seed(cfg.seed)
-        longest = max(*cfg.prompt_lens, cfg.decode_context)
-        self.ids = torch.randint(3, model.config.vocab_size, (cfg.batch, longest), generator=g).to(device)
-        self.cache = self.new_cache()
-
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: Any) -> None:
-        self.model(input_ids=ids, **{self.cache_kwarg: cache}, use_cache=True, logits_to_keep=1, **self.extra)
-
-    def prefill(self, length: int) -> None:
-        self.forward(self.ids[:, :length], self.new_cache())
-
-    def fill_context(self) -> None:
-        self.cache = self.new_cache()
-        self.forward(self.ids[:, : self.cfg.decode_context], self.cache)
-
-    def decode_step(self) -> None:
-        self.forward(self.ids[:, :1], self.cache)
-
-    def rewind(self) -> None:
-        extra = self.cache.get_seq_length() - self.cfg.decode_context
-        if extra > 0:
-            self.cache.crop(-extra)  # drop the tokens the last decode steps appended
-
-
-def empty_samples(cfg: BenchConfig) -> dict[Key, list[float]]:
-    keys = [("prefill", n, cfg.batch) for n in cfg.prompt_lens] + [("decode", cfg.decode_context, cfg.batch)]
-    return {k: [] for k in keys}
-
-
-def measure_round(runner: Runner, timer: Timer, cfg: BenchConfig, out: dict[Key, list[float]]) -> None:
-    """One repetition of one method: each prompt length once, then `decode_steps` decode steps."""
-    for n in cfg.prompt_lens:
-        out["prefill", n, cfg.batch].append(timer(lambda n=n: runner.prefill(n)))
-    runner.rewind()
-    for _ in range(cfg.decode_steps):
-        out["decode", cfg.decode_context, cfg.batch].append(timer(runner.decode_step))
+from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
 
 
 def describe(method: str, model: nn.Module) -> dict[str, Any]:
-    # What the method trains (flags were reset for timing, see _inference_state).
+    # What the method trains (flags were reset for timing, see inference_state).
     if method.startswith("zflora"):
         trainable = sum(p.numel() for p in adapter_parameters(model).values())
     else:
@@ -243,10 +151,6 @@ def check_targets(result: dict[str, Any], rank: int, d: int) -> list[dict[str, A
     return out + projection.check_target(result["projection"])
 
 
-def _label(r: dict) -> str:
-    return f"prefill {r['tokens']}" if r["phase"] == "prefill" else f"decode @{r['tokens']}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     env, st = result["environment"], result["settings"]
     layout = "" if st["interleaved_methods"] else " (methods measured one at a time: too big to fit together)"
@@ -255,7 +159,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"median of {st['repeats']} repetitions after {st['warmup']} warm-up{layout}", ""]  # fmt: skip
     e2e = result["end_to_end"]
     keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in e2e))
-    labels = [_label({"phase": p, "tokens": t}) for p, t in keys]
+    labels = [phase_label({"phase": p, "tokens": t}) for p, t in keys]
     head = ["method", *(f"{x} (x base)" for x in labels), *(f"{x} ms" for x in labels), "trainable params",
             "weights MB"]  # fmt: skip
     body = []
@@ -278,7 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
 def chart(result: dict[str, Any], path: Any) -> None:
     proj = result["projection"]
     fig, axes = figure(2 if proj else 1, 13 if proj else 7)
-    bar_chart(axes[0], result["end_to_end"], _label)
+    bar_chart(axes[0], result["end_to_end"], phase_label)
     st = result["settings"]
     name = st["model"] or st["preset"]
     axes[0].set_title(f"End to end, {name} ({st['layers']} layers), r={st['rank']}, {st['dtype']}")
@@ -289,8 +193,4 @@ def chart(result: dict[str, Any], path: Any) -> None:
 
 
 def main(cfg: BenchConfig) -> None:
-    if cfg.engine == "onnxruntime":
-        from . import onnxruntime
-
-        return onnxruntime.main(cfg)
     print(write_outputs(run(cfg), cfg, markdown, chart))

@@ -26,9 +26,9 @@ from ..methods import lora_config, prepare_model, random_adapter, randomize_lora
 from ..models import meta_model, preset_config, random_model, torch_dtype
 from ..stacking import route, stack_adapters
 from ..transform import apply_zflora
+from .common import Runner, empty_samples, inference_state, measure_round, phase_label
 from .config import MixedBenchConfig
 from .harness import Timer, pick_device, rotated
-from .hf import Runner, _inference_state, _label, empty_samples, measure_round
 from .report import md_table, rows, target, targets_table, write_outputs
 
 
@@ -57,7 +57,7 @@ def lora_mixed(base: nn.Module, cfg: MixedBenchConfig) -> tuple[nn.Module, list[
 def build_runners(base: nn.Module, cfg: MixedBenchConfig, device: torch.device, routes: contextlib.ExitStack
                   ) -> dict[str, Runner]:  # fmt: skip
     """A runner per (method, k), keyed "method k=K" ("base" alone)."""
-    runners = {"base": Runner(_inference_state(base), cfg, device)}
+    runners = {"base": Runner(inference_state(base), cfg, device)}
     adapters = random_adapters(base, cfg) if "zflora-stacked" in cfg.methods else []
     peft, names = lora_mixed(base, cfg) if "lora-mixed" in cfg.methods else (None, [])
     for k in cfg.adapters:
@@ -65,9 +65,9 @@ def build_runners(base: nn.Module, cfg: MixedBenchConfig, device: torch.device, 
         if "zflora-stacked" in cfg.methods:
             model = stack_adapters(_shared_copy(base), adapters[:k])
             routes.enter_context(route(model, slots))  # this model's rows stay routed for the whole run
-            runners[f"zflora-stacked k={k}"] = Runner(_inference_state(model), cfg, device)
+            runners[f"zflora-stacked k={k}"] = Runner(inference_state(model), cfg, device)
         if peft is not None:
-            runner = runners[f"lora-mixed k={k}"] = Runner(_inference_state(peft), cfg, device)
+            runner = runners[f"lora-mixed k={k}"] = Runner(inference_state(peft), cfg, device)
             runner.extra = {"adapter_names": [names[int(j)] for j in slots]}
     return runners
 
@@ -110,7 +110,7 @@ def check_targets(result_rows: list[dict[str, Any]], k: int) -> list[dict[str, A
     """Stacked zFLoRA with the most adapters at <= 1.05x base, LoRA's ratio beside it (reported, not asserted)."""
     lora = {(r["phase"], r["tokens"]): r["ratio_to_base"] for r in result_rows if r["method"] == "lora-mixed"
             and r["adapters"] == k}  # fmt: skip
-    return [target(f"zflora-stacked k={k} {_label(r)} / base", r["ratio_to_base"], 1.05,
+    return [target(f"zflora-stacked k={k} {phase_label(r)} / base", r["ratio_to_base"], 1.05,
                    **({"note": f"lora-mixed {lora[r['phase'], r['tokens']]:.3f}"} if lora else {}))
             for r in result_rows if r["method"] == "zflora-stacked" and r["adapters"] == k]  # fmt: skip
 
@@ -124,10 +124,10 @@ def markdown(result: dict[str, Any]) -> str:
     keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in res))
     methods = [m for m in ("zflora-stacked", "lora-mixed") if any(r["method"] == m for r in res)]
     by = {(r["method"], r["adapters"], r["phase"], r["tokens"]): r for r in res}
-    head = ["k", *(f"{m} {_label({'phase': p, 'tokens': t})} (x base)" for p, t in keys for m in methods)]
+    head = ["k", *(f"{m} {phase_label({'phase': p, 'tokens': t})} (x base)" for p, t in keys for m in methods)]
     body = [[k, *(f"{by[m, k, p, t]['ratio_to_base']:.3f}" for p, t in keys for m in methods)]
             for k in st["adapters"]]  # fmt: skip
-    base_ms = ", ".join(f"{_label({'phase': p, 'tokens': t})} {by['base', 0, p, t]['median_ms']:.1f} ms"
+    base_ms = ", ".join(f"{phase_label({'phase': p, 'tokens': t})} {by['base', 0, p, t]['median_ms']:.1f} ms"
                         for p, t in keys)  # fmt: skip
     lines += md_table(head, body) + ["", f"Base model: {base_ms}."]
     return "\n".join(lines + targets_table(result["targets"])) + "\n"
@@ -140,7 +140,9 @@ def chart(result: dict[str, Any], path: Any) -> None:
         for phase, tokens in dict.fromkeys((r["phase"], r["tokens"]) for r in res if r["method"] == method):
             pts = sorted((r["adapters"], r["ratio_to_base"]) for r in res
                          if (r["method"], r["phase"], r["tokens"]) == (method, phase, tokens))  # fmt: skip
-            ax.plot(*zip(*pts, strict=True), style, label=f"{method}, {_label({'phase': phase, 'tokens': tokens})}")
+            ax.plot(
+                *zip(*pts, strict=True), style, label=f"{method}, {phase_label({'phase': phase, 'tokens': tokens})}"
+            )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(st["adapters"]), [str(k) for k in st["adapters"]])

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from ..config import check_alpha
 from ..hardware import describe_machine, environment
 from ..models import preset_config, random_model
+from .common import build_method, phase_label
 from .config import BenchConfig
 from .harness import Timer, rotated
-from .hf import _label, build_method
 from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
 
 
@@ -154,7 +154,7 @@ def check_targets(result_rows: list[dict[str, Any]], rank: int, d: int) -> list[
     """zFLoRA within r/d + 2 points of base in ONNX Runtime, per precision, LoRA's ratio beside it."""
     lora = {(r["precision"], r["phase"], r["tokens"]): r["ratio_to_base"] for r in result_rows if r["method"] == "lora"}
     bound = 1 + rank / d + 0.02
-    return [target(f"zflora {r['precision']} {_label(r)} / base (1 + r/d + 0.02)", r["ratio_to_base"], bound,
+    return [target(f"zflora {r['precision']} {phase_label(r)} / base (1 + r/d + 0.02)", r["ratio_to_base"], bound,
                    **({"note": f"lora {lora[key]:.3f}"} if (key := (r["precision"], r["phase"], r["tokens"])) in lora
                       else {}))
             for r in result_rows if r["method"] == "zflora"]  # fmt: skip
@@ -167,8 +167,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{describe_machine(env)}; median of {st['repeats']} repetitions after {st['warmup']} warm-up",
              ""]  # fmt: skip
     keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in res))
-    head = ["precision", "method", *(f"{_label({'phase': p, 'tokens': t})} (x base)" for p, t in keys),
-            *(f"{_label({'phase': p, 'tokens': t})} ms" for p, t in keys), "model MB"]  # fmt: skip
+    head = ["precision", "method", *(f"{phase_label({'phase': p, 'tokens': t})} (x base)" for p, t in keys),
+            *(f"{phase_label({'phase': p, 'tokens': t})} ms" for p, t in keys), "model MB"]  # fmt: skip
     by = {(r["precision"], r["method"], r["phase"], r["tokens"]): r for r in res}
     body = [[prec, m, *(f"{by[prec, m, p, t]['ratio_to_base']:.3f}" for p, t in keys),
              *(f"{by[prec, m, p, t]['median_ms']:.1f}" for p, t in keys), f"{result['model_mb'][f'{prec}/{m}']:.0f}"]
@@ -191,7 +191,7 @@ def chart(result: dict[str, Any], path: Any) -> None:
     precisions = result["settings"]["precisions"]
     fig, axes = figure(len(precisions), 6 * len(precisions))
     for ax, prec in zip(axes, precisions, strict=True):
-        bar_chart(ax, [r for r in result["end_to_end"] if r["precision"] == prec], _label)
+        bar_chart(ax, [r for r in result["end_to_end"] if r["precision"] == prec], phase_label)
         ax.set_title(f"ONNX Runtime {prec}, {result['settings']['preset']} ({result['settings']['layers']} layers)")
     fig.suptitle(describe_machine(result["environment"]), fontsize=8)
     save_figure(fig, path)

@@ -24,7 +24,7 @@ HOT_SWAP = "fused hot-swap, adapter in memory"
 
 
 @torch.no_grad()
-def _time(method: str, operation: str, timer: Timer, repeats: int, fn: Callable[[int], Any]) -> dict:
+def time_switch(method: str, operation: str, timer: Timer, repeats: int, fn: Callable[[int], Any]) -> dict:
     fn(1)  # warm-up, discarded
     samples = [timer(partial(fn, i)) for i in range(repeats)]
     return {"method": method, "operation": operation, **summarize(samples), "samples_ms": samples}
@@ -33,10 +33,10 @@ def _time(method: str, operation: str, timer: Timer, repeats: int, fn: Callable[
 def _zflora_rows(m: nn.Module, seed: int, timer: Timer, repeats: int) -> list[dict]:
     current = {n: p.detach().clone() for n, p in adapter_parameters(m).items()}
     adapters = [Adapter(m.zflora_config, base_identity(m), current), random_adapter(m, seed)]
-    rows = [_time("zflora", HOT_SWAP, timer, repeats, lambda i: set_adapter(m, adapters[i % 2]))]
+    rows = [time_switch("zflora", HOT_SWAP, timer, repeats, lambda i: set_adapter(m, adapters[i % 2]))]
     with tempfile.TemporaryDirectory() as tmp:
         paths = [save_adapter(set_adapter(m, a), Path(tmp) / f"a{i}") for i, a in enumerate(adapters)]
-        rows.append(_time("zflora", "fused hot-swap, load_adapter from disk", timer, repeats,
+        rows.append(time_switch("zflora", "fused hot-swap, load_adapter from disk", timer, repeats,
                           lambda i: load_adapter(m, paths[i % 2])))  # fmt: skip
     return rows
 
@@ -62,7 +62,7 @@ def _lora_row(model: nn.Module, method: str, seed: int, timer: Timer, repeats: i
             model.merge_adapter()
     switch = partial(_switch_lora, model, merged=merged)
     what = MERGED if merged else "PEFT set_adapter (unmerged)"
-    row = _time(method, what, timer, repeats, switch)
+    row = time_switch(method, what, timer, repeats, switch)
     switch(1)  # leave the default adapter active (and merged)
     return row
 

@@ -10,7 +10,7 @@ at the base checkpoint and names the adapter in the config overrides:
 
 Nothing is exported or copied: the model reads the adapter directory (the same
 one `save_adapter` writes) once per process and fuses it into the base weights as
-they stream in (`zflora.fusion.fuse_state_dict`), so the engine holds only the
+they stream in (`zflora.serve.checkpoint.fuse_state_dict`), so the engine holds only the
 fused form.
 
 This module does not import vLLM, so the validation is tested without it;

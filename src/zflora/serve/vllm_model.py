@@ -15,7 +15,7 @@ vLLM's RMSNorm already takes its statistic over the first `var_hidden_size`
 channels, fused residual add included. Once per forward the embedding output is
 expanded to [h ; A_in h] and, at the end, the LM head reads h (or, when the
 adapter adapts it, [h ; z] with [W | s B]). The fused weights are made while
-the base checkpoint streams in (`zflora.fusion.fuse_state_dict`).
+the base checkpoint streams in (`zflora.serve.checkpoint.fuse_state_dict`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
 
 from ..config import ZFLoRAConfig
-from ..fusion import fuse_state_dict
 from ..models import head_dim
 from . import ADAPTER_FIELD, ARCHITECTURE, read_for_config, read_once
+from .checkpoint import fuse_state_dict
 
 
 def _zflora_config(hf_config: Any) -> ZFLoRAConfig:
