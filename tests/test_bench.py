@@ -130,6 +130,7 @@ def test_mixed_bench_smoke(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor needs a C++ compiler")
+@pytest.mark.slow
 def test_bench_compiled_smoke(tmp_path):
     out = tmp_path / "compiled.json"
     main(["bench", "--preset", "tiny", "--rank", "8", "--prompt-lens", "8", "--decode-context", "12",

@@ -15,7 +15,7 @@ from zflora.adapter_io import AdapterError
 from zflora.compiled import compile_count
 
 HAS_CXX = shutil.which("c++") or shutil.which("g++")
-pytestmark = pytest.mark.skipif(not HAS_CXX, reason="inductor needs a C++ compiler")
+pytestmark = [pytest.mark.skipif(not HAS_CXX, reason="inductor needs a C++ compiler"), pytest.mark.slow]
 
 
 def adapter(base: torch.nn.Module, alpha: float, seed: int, r: int = 4) -> zflora.Adapter:

@@ -20,6 +20,8 @@ from zflora.models import cache_kwarg, load_local_model
 ort = pytest.importorskip("onnxruntime")
 from zflora.export import onnx as zonnx  # noqa: E402 - after the skip
 
+pytestmark = pytest.mark.slow  # ONNX exports
+
 
 def zflora_model(base: torch.nn.Module, seed: int, alpha: float = 8.0, **kw) -> torch.nn.Module:
     model = zflora.apply_zflora(copy.deepcopy(base), zflora.ZFLoRAConfig(r=4, alpha=alpha, **kw))

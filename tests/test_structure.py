@@ -4,6 +4,8 @@ cycles, the core never imports a job, and no module imports another module's pri
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "zflora"
@@ -102,3 +104,45 @@ def test_the_core_imports_no_job():
 def test_no_private_names_cross_modules():
     bad = [(m, f"{t}.{n}") for m, deps in imports(modules()).items() for t, n in deps if n.startswith("_")]
     assert bad == []
+
+
+DOCS = [Path(__file__).resolve().parents[1] / "README.md", *sorted((SRC.parents[1] / "docs").glob("*.md"))]
+NAME = re.compile(r"\bzflora(?:\.[A-Za-z_]\w*)+")
+
+
+def resolves(dotted: str) -> bool:
+    """Whether `zflora.a.b.c` names a module or an attribute of one (a module that needs vLLM counts when
+    its file exists)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and not e.name.startswith("zflora"):  # an optional engine (vllm) absent here
+                return (SRC.parent / Path(*module.split("."))).with_suffix(".py").is_file()
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_zflora_name_in_the_docs_exists():
+    names = {m.group(0).rstrip(".") for doc in DOCS for m in NAME.finditer(doc.read_text())}
+    assert len(names) > 10
+    assert sorted(n for n in names if not resolves(n)) == []
+
+
+def test_the_docs_name_check_can_fail():
+    assert resolves("zflora.fuse") and resolves("zflora.finetune.cloze.to_cloze")
+    assert not resolves("zflora.vllm_model") and not resolves("zflora.fusion.no_such_name")
+
+
+def test_links_between_docs_resolve():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = [(doc.name, m.group(1)) for doc in DOCS for m in link.finditer(doc.read_text())
+              if not m.group(1).startswith("http") and not (doc.parent / m.group(1)).exists()]  # fmt: skip
+    assert broken == []

@@ -155,6 +155,7 @@ def test_train_options(stories_path, task_file, tmp_path, options):
     assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["loss"])
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_only_the_main_one_writes(stories_path, tmp_path):
     """torchrun with 2 CPU processes (gloo): one writer, and the adapter of a single process with the same
     global batch (records of equal length, so the mean over tokens equals the mean over processes)."""

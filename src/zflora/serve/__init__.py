@@ -1,7 +1,7 @@
 """Serving zFLoRA with vLLM: the plugin entry point, load-time fusion, `zflora serve`.
 
 vLLM runs a zFLoRA model as its own architecture, `ZFLoRALlamaForCausalLM`
-(`zflora.vllm_model`), registered in every vLLM process by the package entry
+(`zflora.serve.vllm_model`), registered in every vLLM process by the package entry
 point `vllm.general_plugins: zflora = zflora.serve:register`. A user points vLLM
 at the base checkpoint and names the adapter in the config overrides:
 
