@@ -36,6 +36,7 @@ from torch import nn
 from .compiled import is_frozen
 from .config import ZFLoRAConfig
 from .files import atomic_write, remove_stale, write_json
+from .fusion import adapter_tensor
 from .models import head_dim, meta_model
 from .modules import FusedLinear
 from .transform import adapter_parameters, apply_zflora, is_zflora
@@ -331,7 +332,7 @@ def check_fits(model: nn.Module, adapter: Adapter, check_base_weights: bool = Tr
             raise AdapterError(f"{where}: {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
         _require_float(where, name, t)
         c = t.detach().to(p.dtype)  # on its own device: a meta probe checks the values too
-        scaled = c * config.scaling if name.endswith("zflora_B") else c  # what a fused block will hold
+        scaled = c * config.scaling if name.endswith(adapter_tensor("in")) else c  # what a fused block will hold
         if not torch.isfinite(scaled).all():
             raise AdapterError(f"{where}: {name} is not finite in the model's dtype {p.dtype} (overflow or NaN)")
         cast[name] = c if p.is_meta else c.to(p.device)

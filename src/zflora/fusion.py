@@ -25,7 +25,20 @@ from typing import Literal
 
 import torch
 
+from .config import INPUT_PROJECTIONS
+
 Kind = Literal["in", "out"]
+
+
+def kind_of(projection: str) -> Kind:
+    """The one rule: an input projection (q, k, v, gate, up) reads z through extra columns s B ("in"),
+    an output projection (o, down) writes z through extra rows A ("out")."""
+    return "in" if projection in INPUT_PROJECTIONS else "out"
+
+
+def adapter_tensor(kind: Kind) -> str:
+    """The adapter matrix a fused block is made from: `zflora_B` (scaled) for "in", `zflora_A` for "out"."""
+    return "zflora_B" if kind == "in" else "zflora_A"
 
 
 def adapter_block(
@@ -64,6 +77,11 @@ def block_of(kind: Kind, fused: torch.Tensor, r: int, start: int | None = None) 
     return fused[:, index] if kind == "in" else fused[index]
 
 
+def base_block(kind: Kind, fused: torch.Tensor, r: int) -> torch.Tensor:
+    """The inverse of `fused_weight`: a view of W inside [W | s B] ("in") or [W ; A] ("out")."""
+    return fused[:, :-r] if kind == "in" else fused[:-r]
+
+
 def fused_bias(bias: torch.Tensor, r: int) -> torch.Tensor:
     """An output projection's bias on the d + r stream: [b ; 0]."""
     return torch.cat([bias.detach(), bias.new_zeros(r)])
@@ -84,3 +102,8 @@ def routed_gain(gain: torch.Tensor, spans: Sequence[tuple[int, int]], adapter_id
     for j, (start, stop) in enumerate(spans):
         keep[ids == j, :, start:stop] = True
     return gain.detach() * keep
+
+
+def unfused(fused: torch.Tensor, r: int) -> torch.Tensor:
+    """The inverse of `fused_bias` and `fused_gain`: a view of b in [b ; 0], of g in [g ; 1]."""
+    return fused[:-r]

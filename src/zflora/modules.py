@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ZFLoRAConfig
-from .fusion import adapter_block, block_of, fused_bias, fused_weight
+from .fusion import adapter_block, base_block, block_of, fused_bias, fused_weight, unfused
 
 ADAPTER_PREFIX = "zflora_"
 
@@ -220,13 +220,12 @@ class FusedLinear(nn.Linear):
             )
 
     def to_unfused(self) -> ZFLoRALinear:
-        w = self.weight.detach()
-        base_w = w[:, : self.base_in] if self.kind == "in" else w[: self.base_out]
+        base_w = base_block(self.kind, self.weight.detach(), self.r)
         base = nn.Linear(self.base_in, self.base_out, bias=False, device="meta")
         base.weight = nn.Parameter(base_w.clone(), requires_grad=False)
         bias = self.bias
         if bias is not None and self.kind == "out":
-            bias = nn.Parameter(bias.detach()[: self.base_out].clone(), requires_grad=False)
+            bias = nn.Parameter(unfused(bias.detach(), self.r).clone(), requires_grad=False)
         base.bias = bias
         m = ZFLoRALinear(base, self.kind, self.config, targeted=False)
         m.zflora_A, m.zflora_B = self.zflora_A, self.zflora_B

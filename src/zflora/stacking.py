@@ -27,8 +27,18 @@ from torch import nn
 
 from .adapter_io import Adapter, AdapterError, check_fits, check_same_base, read_adapter
 from .compiled import is_frozen
-from .config import INPUT_PROJECTIONS, ZFLoRAConfig
-from .fusion import Kind, adapter_block, block_of, fused_bias, fused_gain, routed_gain, stacked_weight
+from .config import ZFLoRAConfig
+from .fusion import (
+    Kind,
+    adapter_block,
+    adapter_tensor,
+    block_of,
+    fused_bias,
+    fused_gain,
+    kind_of,
+    routed_gain,
+    stacked_weight,
+)
 from .models import meta_model
 from .modules import FusedRMSNorm, HiddenReadLinear, ZFLoRAEmbedding
 from .transform import LAYER_NORMS, apply_zflora, check_supported, install, layer_projections
@@ -119,7 +129,7 @@ EXPANSION = "model.embed_tokens.zflora_A_in"
 
 
 def _tensor(module: str, kind: Kind) -> str:
-    return f"{module}.zflora_{'B' if kind == 'in' else 'A'}"
+    return f"{module}.{adapter_tensor(kind)}"
 
 
 def _block(kind: Kind, like: torch.Tensor, adapter: Adapter, tensor: str) -> torch.Tensor:
@@ -138,7 +148,7 @@ def _finite(block: torch.Tensor, adapter: Adapter, tensor: str) -> torch.Tensor:
 def _projections(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Kind]]:
     """(qualified name, parent, attribute, kind) of every layer projection."""
     for name, proj, parent, attr in layer_projections(model):
-        yield name, parent, attr, "in" if proj in INPUT_PROJECTIONS else "out"
+        yield name, parent, attr, kind_of(proj)
 
 
 # --------------------------------------------------------------------------- API

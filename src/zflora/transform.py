@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import INPUT_PROJECTIONS, ZFLoRAConfig
-from .fusion import fused_gain
+from .fusion import fused_gain, kind_of, unfused
 from .modules import (
     ADAPTER_PREFIX,
     FusedLinear,
@@ -114,7 +114,7 @@ def apply_zflora(model: nn.Module, config: ZFLoRAConfig) -> nn.Module:
         if proj in INPUT_PROJECTIONS and not targeted:
             new: nn.Module = HiddenReadLinear(base)
         else:
-            new = ZFLoRALinear(base, "in" if proj in INPUT_PROJECTIONS else "out", config, targeted)
+            new = ZFLoRALinear(base, kind_of(proj), config, targeted)
         swaps.append((parent, attr, new))
     head = ZFLoRALinear(model.lm_head, "in", config, True) if config.lm_head else HiddenReadLinear(model.lm_head)
     swaps.append((model, "lm_head", head))
@@ -183,7 +183,7 @@ def unfuse(model: nn.Module) -> nn.Module:
         return model
     for name, m in _layer_modules(model):
         if isinstance(m, FusedRMSNorm):
-            gain = nn.Parameter(m.weight.detach()[: m.d].clone(), requires_grad=False)
+            gain = nn.Parameter(unfused(m.weight.detach(), m.r).clone(), requires_grad=False)
             _replace(model, name, ZFLoRARMSNorm(gain, m.variance_epsilon, m.d, m.r))
         elif isinstance(m, FusedLinear):
             _replace(model, name, m.to_unfused())

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..adapter_io import AdapterError, base_identity, check_fits, check_same_base, read_adapter
 from ..files import apply_umask, atomic_write, remove_stale, write_json
-from ..fusion import Kind, adapter_block, block_of
+from ..fusion import Kind, adapter_block, adapter_tensor, base_block, block_of
 from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
 from ..transform import apply_zflora, fuse, is_zflora
@@ -72,13 +72,12 @@ def split_adapter_blocks(model: nn.Module) -> dict[str, str]:
         kind, r = m.kind, m.r
         if isinstance(m, FusedLinear):
             w = m.weight.detach()
-            base = w[:, :-r] if kind == "in" else w[:-r]
-            block = block_of(kind, w, r)
+            base, block = base_block(kind, w, r), block_of(kind, w, r)
         else:  # the LM head with lm_head=True: unfused in the model, [W | s B] in the graph
             base, block = m.weight, adapter_block(kind, m.weight, m.adapter_matrix, m.scaling, r)
         parent, _, attr = name.rpartition(".")  # the bias stays as fused: [b ; 0] for an output projection
         setattr(model.get_submodule(parent), attr, SplitLinear(base, block, kind, m.bias))
-        sources[f"{name}.zflora_block"] = f"{name}.zflora_{'B' if kind == 'in' else 'A'}"
+        sources[f"{name}.zflora_block"] = f"{name}.{adapter_tensor(kind)}"
     if is_zflora(model) and model.zflora_config.expand_input:
         sources["model.embed_tokens.zflora_A_in"] = "model.embed_tokens.zflora_A_in"
     return sources
@@ -254,7 +253,7 @@ def adapter_arrays(manifest: dict[str, Any], adapter_dir: str | os.PathLike, che
     arrays = {}
     for init, entry in info["initializers"].items():
         source, shape = entry["source"], tuple(entry["shape"])
-        kind: Kind = "in" if source.endswith("zflora_B") else "out"  # s B; A and A_in as they are
+        kind: Kind = "in" if source.endswith(adapter_tensor("in")) else "out"  # s B; A and A_in as they are
         block = adapter_block(kind, torch.empty(0, dtype=dtype), adapter.tensors[source], cfg.scaling, cfg.r)
         if tuple(block.shape) != shape or not torch.isfinite(block).all():
             raise AdapterError(f"{adapter_dir}: {source} does not give a finite {shape} block in {dtype}")

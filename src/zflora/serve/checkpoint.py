@@ -12,8 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..adapter_io import Adapter
-from ..config import INPUT_PROJECTIONS
-from ..fusion import Kind, fused_bias, fused_gain, fused_weight
+from ..fusion import adapter_tensor, fused_bias, fused_gain, fused_weight, kind_of
 
 _PROJECTION = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj)\.(weight|bias)")
 _NORM = re.compile(r"model\.(?:layers\.\d+\.(?:input|post_attention)_layernorm|norm)\.weight")
@@ -34,9 +33,9 @@ def fuse_state_dict(
     for name, w in weights:
         if m := _PROJECTION.fullmatch(name):
             key, proj, part = m.groups()
-            kind: Kind = "in" if proj in INPUT_PROJECTIONS else "out"
+            kind = kind_of(proj)
             if part == "weight":
-                w = fused_weight(kind, w, t.get(f"{key}.zflora_{'B' if kind == 'in' else 'A'}"), s, r)
+                w = fused_weight(kind, w, t.get(f"{key}.{adapter_tensor(kind)}"), s, r)
             elif kind == "out":
                 w = fused_bias(w, r)
         elif _NORM.fullmatch(name):
