@@ -367,6 +367,38 @@ def set_adapter(model: nn.Module, adapter: Adapter, check_base: bool = True) -> 
     return model
 
 
+def adapter_kind(path: str | os.PathLike) -> str:
+    """What an adapter directory holds, by one rule for every command: "zflora" (its config has a `zflora`
+    object) or "peft" (a `peft_type`); anything else is an error naming the file."""
+    cfg = Path(path) / CONFIG_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; pass a zFLoRA or PEFT adapter directory")
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterError(f"{cfg}: not valid JSON ({type(e).__name__})") from None
+    if isinstance(meta, dict) and isinstance(meta.get("zflora"), dict):
+        return "zflora"
+    if isinstance(meta, dict) and "peft_type" in meta:
+        return "peft"
+    raise AdapterError(f"{cfg}: neither a zFLoRA adapter (a 'zflora' object) nor a PEFT one (a 'peft_type')")
+
+
+def attach_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Any adapter directory onto a base model: zFLoRA through `load_adapter` (in place), PEFT LoRA through
+    `PeftModel.from_pretrained` (unmerged; returns the PEFT model). An adapter that does not fit is an
+    AdapterError naming the directory, for both kinds."""
+    if adapter_kind(path) == "zflora":
+        return load_adapter(model, path, check_base)
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, path)
+    except (RuntimeError, KeyError, ValueError) as e:  # size mismatches: an adapter of another base
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{path}: this PEFT adapter does not fit the model ({first})") from None
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
     """Load an adapter saved by `save_adapter`, as `PeftModel.from_pretrained` does for LoRA.
 

@@ -11,7 +11,7 @@ from torch import nn
 from .adapter_io import Adapter, base_identity
 from .config import ALL_PROJECTIONS, METHODS, TARGET_PRESETS, ZFLoRAConfig, check_alpha
 from .models import head_dim, meta_model
-from .transform import adapter_parameters, apply_zflora
+from .transform import adapter_parameters, apply_zflora, fuse, is_zflora
 
 
 def lora_config(r: int, alpha: float | None = None, targets: str = "all") -> Any:
@@ -97,3 +97,13 @@ def matched_rank(model_path: str | os.PathLike, method: str, reference: str, ran
 
     target = count(reference, rank)
     return min(range(1, 8 * rank + 1), key=lambda k: abs(count(method, k) - target))
+
+
+def prepare_for_eval(model: nn.Module) -> nn.Module:
+    """A trained or loaded model as it is served: zFLoRA fused, PEFT LoRA merged, eval mode. The one
+    preparation of `zflora eval`, `zflora study` and `zflora accuracy`."""
+    if is_zflora(model):
+        fuse(model)
+    elif hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval()

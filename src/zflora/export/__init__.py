@@ -3,9 +3,6 @@ CoreML execution providers on phones), with the adapter's bytes in their own fil
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .config import ExportConfig
 
 
@@ -24,15 +21,10 @@ def main(cfg: ExportConfig) -> None:
 
 
 def _load(cfg: ExportConfig):  # noqa: ANN202 - a model
-    from ..adapter_io import load_adapter
+    from ..adapter_io import attach_adapter
     from ..models import load_local_model, require_local
 
     model = load_local_model(require_local(cfg.model))
     if cfg.adapter is None:
         return model
-    config = Path(cfg.adapter) / "adapter_config.json"
-    if config.is_file() and "peft_type" in json.loads(config.read_text()):  # a PEFT LoRA: exported unmerged
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, cfg.adapter).eval()
-    return load_adapter(model, cfg.adapter, cfg.check_base)
+    return attach_adapter(model, cfg.adapter, cfg.check_base).eval()  # a PEFT LoRA is exported unmerged

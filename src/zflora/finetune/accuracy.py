@@ -36,10 +36,9 @@ from tqdm import tqdm
 
 from ..files import write_json, write_text
 from ..hardware import environment, native_bf16
-from ..methods import matched_rank
+from ..methods import matched_rank, prepare_for_eval
 from ..models import load_local_model, load_tokenizer, require_local, torch_dtype
 from ..registry import home
-from ..transform import fuse, is_zflora
 from .accuracy_report import chart, collect, markdown, sha256, verified
 from .cloze import to_cloze
 from .config import CATEGORIES, AccuracyConfig, TrainConfig
@@ -266,10 +265,7 @@ def one_run(
             "tokens_per_s": log["tokens_seen"] / log["wall_s"],
         }
         write_json(out / "train_log.json", log)
-    if is_zflora(model):
-        fuse(model)  # evaluated as it is served
-    elif hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # PEFT LoRA merged, as `zflora eval` serves it
+    model = prepare_for_eval(model)  # as it is served: zFLoRA fused, LoRA merged
     started = time.perf_counter()
     result["heldout_loss"] = heldout_loss(model, tokenizer, val, cfg.max_length)
     rows = evaluate_category(cfg, model, tokenizer, category)

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..adapter_io import CONFIG_NAME, AdapterError, read_adapter, set_adapter
+from ..adapter_io import attach_adapter
 from ..files import write_json, write_text
+from ..methods import prepare_for_eval
 from ..models import load_local_model, load_tokenizer
-from ..transform import apply_zflora, fuse
 from .config import EvalConfig
 from .data import DataError, Example, load_examples
 from .scoring import infer_kind, references, rouge_scores, score_response
@@ -29,25 +29,9 @@ MAX_NEW_TOKENS = {"label": 32, "choice": 32, "number": 96, "rouge": 64}  # stop 
 
 
 def load_for_eval(model_path: Path, adapter: Path | None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Base model plus an optional adapter directory: zFLoRA (fused for serving) or PEFT LoRA (merged)."""
+    """Base model plus an optional adapter directory, as served: zFLoRA fused, PEFT LoRA merged."""
     model = load_local_model(model_path, dtype)
-    if adapter is None:
-        return model
-    if not (Path(adapter) / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{adapter}: no {CONFIG_NAME}; pass a zFLoRA or PEFT adapter directory")
-    if "zflora" in json.loads((Path(adapter) / CONFIG_NAME).read_text()):
-        weights = read_adapter(adapter)  # read and validated once; its config builds the architecture
-        apply_zflora(model, weights.config)
-        set_adapter(model, weights)
-        return fuse(model).eval()
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, KeyError, ValueError) as e:  # size mismatches: an adapter of another base
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{adapter}: this PEFT adapter does not fit the model in {model_path} ({first})") from None
-    return peft_model.merge_and_unload().eval()
+    return prepare_for_eval(model if adapter is None else attach_adapter(model, adapter))
 
 
 @torch.no_grad()

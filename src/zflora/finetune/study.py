@@ -21,9 +21,8 @@ from tqdm import tqdm
 
 from ..files import write_json, write_text
 from ..hardware import environment
-from ..methods import matched_rank
+from ..methods import matched_rank, prepare_for_eval
 from ..models import load_local_model, load_tokenizer
-from ..transform import fuse, is_zflora
 from .config import StudyConfig, TrainConfig
 from .data import Example, to_example
 from .evaluate import evaluate_tasks
@@ -50,9 +49,8 @@ def run_one(
             model, log = train_model(tc, examples=train, model=model, tokenizer=tokenizer)
         result |= {"trainable_parameters": log["trainable_parameters"], "final_loss": log["loss"][-1]["loss"],
                    "step_ms": 1e3 * step_time_summary(log["step_time_s"])}  # fmt: skip
-    if is_zflora(model):
-        fuse(model)  # evaluated as it would be served
-    scores, _ = evaluate_tasks(model.eval(), tokenizer, test, batch_size=50, kinds=TASKS)
+    model = prepare_for_eval(model)  # as it is served: zFLoRA fused, LoRA merged
+    scores, _ = evaluate_tasks(model, tokenizer, test, batch_size=50, kinds=TASKS)
     result["scores"] = {task: r["score"] for task, r in scores.items()}
     result["average"] = statistics.fmean(result["scores"].values())
     return result

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import safe_globals
 
-from ..adapter_io import CONFIG_NAME, load_adapter, read_adapter, save_adapter
+from ..adapter_io import CONFIG_NAME, adapter_kind, load_adapter, read_adapter, save_adapter
 from ..files import write_json, write_text
 from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
@@ -100,7 +100,7 @@ def checkpoint_problem(path: Path) -> str | None:
                 names = f.keys()
                 for name in names:
                     f.get_tensor(name)
-        if (path / CONFIG_NAME).is_file() and "zflora" in (path / CONFIG_NAME).read_text():
+        if (path / CONFIG_NAME).is_file() and adapter_kind(path) == "zflora":
             read_adapter(path)
     except Exception as e:  # any damage: unreadable JSON, a truncated pickle or tensor file, a bad adapter
         return f"{type(e).__name__}: {str(e)[:160]}"
