@@ -1,6 +1,6 @@
 """What verifying an adapter costs at load: the weights' sha256 and the base fingerprint, timed on a real model.
 
-    .venv/bin/python scripts/adapter_load_cost.py [MODEL] [RANK]
+.venv/bin/python scripts/adapter_load_cost.py [MODEL] [RANK]
 """
 
 from __future__ import annotations

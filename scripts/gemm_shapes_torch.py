@@ -1,0 +1,76 @@
+"""Time the GEMMs of one decoder layer at base shapes and at zFLoRA's d + r shapes, in PyTorch (oneDNN on a
+CPU), interleaved: is a zFLoRA slowdown the architecture or the kernel's efficiency at d + r?
+
+    .venv/bin/python scripts/gemm_shapes_torch.py [--model smollm2-135m-instruct] [--ranks 16,32,64]
+        [--tokens 128,512] [--dtype bf16] [--repeats 50]
+
+zFLoRA adds no operator per layer, only r input columns to q, k, v, gate, up and r output rows to o, down,
+so the per-layer cost is the sum printed. Shapes come from the model's config (a fetched name or a directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import AutoConfig
+
+from zflora.fusion import kind_of
+from zflora.hardware import describe_machine, environment
+from zflora.models import head_dim, require_local, torch_dtype
+
+
+def shapes(config) -> dict[str, tuple[int, int]]:
+    d, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
+    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, inter), "up": (d, inter),
+            "down": (inter, d)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--ranks", default="16,32,64")
+    p.add_argument("--tokens", default="128,512")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--repeats", type=int, default=50)
+    args = p.parse_args()
+    config = AutoConfig.from_pretrained(require_local(args.model), local_files_only=True)
+    dtype, g = torch_dtype(args.dtype), torch.Generator().manual_seed(0)
+    print(f"{args.model}: d = {config.hidden_size}; {describe_machine(environment(torch.device('cpu'), args.dtype))}")
+    for tokens in map(int, args.tokens.split(",")):
+        for r in map(int, args.ranks.split(",")):
+            base_total = fused_total = 0.0
+            cells = []
+            for name, (n_in, n_out) in shapes(config).items():
+                wide_in = n_in + r if kind_of(name) == "in" else n_in
+                wide_out = n_out + r if kind_of(name) == "out" else n_out
+                xb, wb = (
+                    torch.randn(tokens, n_in, generator=g).to(dtype),
+                    torch.randn(n_out, n_in, generator=g).to(dtype),
+                )
+                xz, wz = (
+                    torch.randn(tokens, wide_in, generator=g).to(dtype),
+                    torch.randn(wide_out, wide_in, generator=g).to(dtype),
+                )
+                times: dict[str, list[float]] = {"base": [], "zflora": []}
+                with torch.no_grad():
+                    for i in range(args.repeats + 5):  # interleaved; the first 5 rounds warm up
+                        for key, (x, w) in {"base": (xb, wb), "zflora": (xz, wz)}.items():
+                            start = time.perf_counter()
+                            torch.nn.functional.linear(x, w)
+                            if i >= 5:
+                                times[key].append(time.perf_counter() - start)
+                b, z = statistics.median(times["base"]), statistics.median(times["zflora"])
+                base_total, fused_total = base_total + b, fused_total + z
+                cells.append(f"{name} {z / b:.2f}")
+            flops = 100 * r / config.hidden_size
+            print(f"tokens {tokens}, r = {r} (d + r = {config.hidden_size + r}): layer GEMMs {1e3 * base_total:.3f} -> "
+                  f"{1e3 * fused_total:.3f} ms = {fused_total / base_total:.3f}x (FLOPs +{flops:.1f}%"
+                  f" on the widened ones); {', '.join(cells)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
