@@ -143,3 +143,9 @@ def test_bench_compiled_smoke(tmp_path):
     assert set(swaps) == {"zflora"}
     assert swaps["zflora"]["recompiles"] == 0  # the fused hot-swap never recompiles, at another alpha too
     assert any(t["target"].startswith("zflora swaps under compile") and t["met"] for t in result["targets"])
+
+
+def test_onnxruntime_refuses_a_dtype_it_would_ignore():
+    with pytest.raises(ValueError, match="dtype: onnxruntime exports run in fp32"):
+        BenchConfig(engine="onnxruntime", dtype="bf16")
+    BenchConfig(engine="onnxruntime", dtype="fp32")

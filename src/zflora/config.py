@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Fine-tuning methods, one name each across training, evaluation and the benchmarks.
 METHODS = ("base", "lora", "lora-mha", "zflora", "zflora-mha", "fft")
+# The real pretrained model the demo and the miniature study use by default (llama2.c's stories260K).
+STORIES260K = Path("../shared/models/stories260K")
 # dtype names accepted everywhere (flags, configs), with torch's name for each; "auto" picks by hardware.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import positive_int
-
-DEFAULT_MODEL = Path("../shared/models/stories260K")
+from .config import STORIES260K, positive_int
 
 
 @dataclass
 class DemoConfig:
     """`zflora demo`: apply zFLoRA to a real local model and show its invariants."""
 
-    model: Path = field(default=DEFAULT_MODEL, metadata={"help": "local Hugging Face checkpoint directory"})
+    model: Path = field(default=STORIES260K, metadata={"help": "local Hugging Face checkpoint directory"})
     rank: int = 16
 
     def __post_init__(self) -> None:

@@ -111,6 +111,8 @@ class BenchConfig(ModelShape):
         onnx = self.engine == "onnxruntime"
         if onnx and (self.compile or self.full):
             raise ValueError("engine: onnxruntime runs the end-to-end comparison only (no --compile, no --full)")
+        if onnx and self.dtype not in ("auto", "fp32"):  # honoured or refused, never ignored
+            raise ValueError(f"dtype: onnxruntime exports run in fp32 (int8 by --precisions), not {self.dtype}")
         if bad := [p for p in self.precisions if p not in ("fp32", "int8")] or not self.precisions:
             raise ValueError(f"precisions: fp32 and/or int8, got {bad or 'none'}")
         if onnx and (bad := [m for m in self.methods if m not in ONNX_METHODS]):

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import check_alpha
 from ..models import head_dim
 from .config import BenchConfig
 from .harness import Timer, interleaved, summarize
 from .report import md_table, target
-
-SCALE = 2.0  # s = alpha / r with the default alpha = 2 r
 
 
 def projection_shapes(config: Any) -> list[tuple[str, str, int, int]]:
@@ -38,16 +37,18 @@ def _naive_fused(x: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, s: float) -
     return y + F.linear(t, b) * s
 
 
-def _variants(kind: str, x: torch.Tensor, w: torch.Tensor, ranks: tuple[int, ...], rand: Callable) -> dict:
+def _variants(
+    kind: str, x: torch.Tensor, w: torch.Tensor, ranks: tuple[int, ...], alpha: float | None, rand: Callable
+) -> dict:
     fns: dict[str, Callable[[], Any]] = {"base": partial(F.linear, x, w)}
     fin, fout = w.shape[1], w.shape[0]
     for r in ranks:
-        a, b = rand(r, fin), rand(fout, r)
+        a, b, scale = rand(r, fin), rand(fout, r), check_alpha(alpha, r) / r  # s = alpha / r, as --alpha gives it
         wa = torch.cat([w, a])  # naive fusion of the down-projection: (out + r, in)
-        fns[f"lora r={r}"] = partial(_lora, x, w, a, b, SCALE)
-        fns[f"naive-fused r={r}"] = partial(_naive_fused, x, wa, b, SCALE)
+        fns[f"lora r={r}"] = partial(_lora, x, w, a, b, scale)
+        fns[f"naive-fused r={r}"] = partial(_naive_fused, x, wa, b, scale)
         if kind == "in":  # [W | s B] on the d + r stream
-            wz, xz = torch.cat([w, SCALE * b], dim=1), torch.cat([x, rand(x.shape[0], r)], dim=1)
+            wz, xz = torch.cat([w, scale * b], dim=1), torch.cat([x, rand(x.shape[0], r)], dim=1)
             fns[f"zflora r={r}"] = partial(F.linear, xz, wz)
         else:  # [W ; A]
             fns[f"zflora r={r}"] = partial(F.linear, x, wa)
@@ -67,7 +68,7 @@ def projection_study(
     for name, kind, fin, fout in projection_shapes(config):
         w = rand(fout, fin)
         for tokens in cfg.proj_tokens:
-            fns = _variants(kind, rand(cfg.batch * tokens, fin), w, cfg.proj_ranks, rand)
+            fns = _variants(kind, rand(cfg.batch * tokens, fin), w, cfg.proj_ranks, cfg.alpha, rand)
             samples = interleaved(timer, fns, cfg.proj_repeats, cfg.warmup, tick)
             base_ms = statistics.median(samples["base"])
             for key, ss in samples.items():

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, check_alpha, positive_finite, positive_int
+from ..config import METHODS, STORIES260K, check_alpha, positive_finite, positive_int
 
 TRAIN_METHODS = tuple(m for m in METHODS if m != "base")
-DEFAULT_MODEL = Path("../shared/models/stories260K")
 
 
 def positive_ints(cfg: Any, *names: str) -> None:
@@ -109,7 +108,7 @@ class EvalConfig:
 class StudyConfig:
     """`zflora study`: the miniature accuracy study on stories260K (all methods, several seeds)."""
 
-    model: Path = field(default=DEFAULT_MODEL, metadata={"help": "local checkpoint directory"})
+    model: Path = field(default=STORIES260K, metadata={"help": "local checkpoint directory"})
     rank: int = 8
     seeds: int = 3
     steps: int = 150
