@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,6 +22,7 @@ from transformers import (
 )
 
 import zflora
+from zflora.adapter_io import WEIGHTS_NAME, AdapterError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -89,3 +91,37 @@ def rewrite_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata:
     meta = json.loads(cfg.read_text())
     meta["weights_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
     cfg.write_text(json.dumps(meta))
+
+
+def adapted(seed: int = 1, model: torch.nn.Module | None = None, **kwargs) -> torch.nn.Module:
+    model = model if model is not None else tiny_model(tie=True)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, **kwargs))
+    randomize_adapter(model, seed=seed)
+    return model
+
+
+def refused_unchanged(model: torch.nn.Module, path, match: str, **kwargs) -> None:
+    before = state(model)
+    with pytest.raises(AdapterError, match=match):
+        zflora.load_adapter(model, path, **kwargs)
+    assert_same_state(before, state(model))
+
+
+def safetensors_header(file) -> dict:
+    with safe_open(file, framework="pt") as f:
+        return f.metadata()
+
+
+def saved_adapter(tmp_path, dtype=torch.float32, seed=1):
+    model = tiny_model(tie=True)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8))
+    randomize_adapter(model, seed=seed)
+    zflora.save_adapter(model, tmp_path / "a")
+    return tmp_path / "a"
+
+
+def set_adapter_tensor(path, name, value, dtype=torch.float32):
+    file = path / WEIGHTS_NAME
+    tensors, header = load_file(file), safetensors_header(file)
+    tensors[name] = torch.full(tensors[name].shape, value, dtype=dtype)
+    rewrite_weights(file.parent, tensors, header)

@@ -73,3 +73,37 @@ def test_prompt_masked_and_truncation_counted():
     assert f["input_ids"] == [1, *tok("ab", False)["input_ids"], *tok("cd", False)["input_ids"], 2]
     assert f["labels"][:3] == [-100, -100, -100] and f["labels"][3:] == f["input_ids"][3:]
     assert len(out.features[1]["input_ids"]) == 20
+
+
+# --------------------------------------------------------------------------- refusals and faults
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("empty.json", "[]", "empty.json: no records"),
+        ("empty.jsonl", "\n\n", "empty.jsonl: no records"),
+        ("latin1.json", b'[{"instruction": "caf\xe9", "answer": "1"}]', "line 1: not UTF-8"),
+        ("prompt.jsonl", '{"prompt": "", "response": ""}\n', r"record 0: field 'prompt' is empty"),
+    ],
+)
+def test_data_errors_name_file_and_record(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=match):
+        load_examples(path)
+
+
+def test_upper_case_jsonl_suffix_is_jsonl(tmp_path):
+    path = tmp_path / "d.JSONL"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
+    assert len(load_examples(path)) == 2
+
+
+def test_deeply_nested_data_is_a_one_line_error(tmp_path):
+    from zflora.finetune.data import load_records
+
+    for name in ("deep.json", "deep.jsonl"):
+        (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000 + "\n")
+        with pytest.raises(DataError, match="nested too deeply"):
+            load_records(tmp_path / name)

@@ -18,7 +18,9 @@ from zflora.methods import randomize_lora
 from zflora.models import cache_kwarg, load_local_model
 
 ort = pytest.importorskip("onnxruntime")
-from zflora.export import onnx as zonnx  # noqa: E402 - after the skip
+
+from zflora.cli import main  # noqa: E402 - after the skip
+from zflora.export import onnx as zonnx  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ONNX exports
 
@@ -146,7 +148,6 @@ def test_greedy_generation_on_stories260k(stories_path, tmp_path) -> None:
 
 
 def test_onnxruntime_bench_smoke(tmp_path) -> None:
-    from zflora.cli import main
 
     out = tmp_path / "ort.json"
     main(["bench", "--engine", "onnxruntime", "--preset", "tiny", "--rank", "8", "--prompt-lens", "8",
@@ -161,7 +162,6 @@ def test_onnxruntime_bench_smoke(tmp_path) -> None:
 
 
 def test_export_cli(tmp_path, stories_path, capsys) -> None:
-    from zflora.cli import main
 
     model = zflora_model(load_local_model(stories_path), seed=4)
     adapter = zflora.save_adapter(model, tmp_path / "adapter")
@@ -172,3 +172,15 @@ def test_export_cli(tmp_path, stories_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["export", "swap", "--output", str(tmp_path / "x")])
     assert e.value.code == 2  # a usage error: swap needs --adapter
+
+
+# --------------------------------------------------------------------------- refusals and faults
+
+
+@pytest.mark.parametrize(("content", "match"), [("[1, 2]", "expected a JSON object"), (b"\xff\xfe{", "not valid JSON")])
+def test_an_onnx_manifest_that_is_not_an_object_is_named(tmp_path, content, match):
+    from zflora.export.onnx import MANIFEST, read_manifest
+
+    (tmp_path / MANIFEST).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(AdapterError, match=match):
+        read_manifest(tmp_path)

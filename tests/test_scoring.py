@@ -7,12 +7,13 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from conftest import (
+    SHARED,
+)
 
-from zflora import score_response
 from zflora.finetune.data import load_records
 from zflora.finetune.evaluate import score_task, table
-from zflora.finetune.scoring import extract_choice, extract_number, infer_kind, references
+from zflora.finetune.scoring import extract_choice, extract_number, infer_kind, references, score_response
 
 DATA = SHARED / "data"
 FILES = sorted(DATA.glob("*/*/test.json")) + sorted(DATA.glob("dialogsum/*.jsonl"))
@@ -121,3 +122,34 @@ def test_multi_reference_summary_takes_best_match():
 def test_dialogsum_test_set_has_three_references():
     records = load_records(DATA / "dialogsum/dialogsum.test.jsonl")
     assert all(len(references(r)) == 3 for r in records)
+
+
+# --------------------------------------------------------------------------- refusals and faults
+
+
+@pytest.mark.parametrize(
+    "record, response",
+    [
+        ({"instruction": "Pick. (A) 1 (B) 2 (C) 3 (D) 4 (E) 5", "answer": "C"}, "The answer is C, not E."),
+        ({"instruction": "Pick. (A) 1 (B) 2 (C) 3 (D) 4 (E) 5", "answer": "C"}, "The answer is (C). A quick check."),
+        ({"instruction": "Pick. (A) 1 (B) 2 (C) 3 (D) 4 (E) 5", "answer": "C"}, "the answer is (c)"),
+        ({"instruction": "q", "answer": "5"}, "The answer is 5. Check: 5 + 3 = 8."),
+        ({"instruction": "q", "answer": "18"}, "The answer is 18 dollars (2 per egg)."),
+        ({"instruction": "q", "answer": "-5"}, "The temperature fell to \u22125."),
+        ({"instruction": "q", "answer": "2.5"}, "She ate 2 1/2 pies."),
+        ({"instruction": "q\n\nAnswer format: option1/option2", "answer": "option2"}, "I choose Option 2."),
+        ({"instruction": "q\n\nAnswer format: answer1/answer2/answer3", "answer": "answer1"}, "It is answer 1."),
+        ({"instruction": "q\n\nAnswer format: true/false", "answer": "true"},  # a base model's real output
+         "True.  The answer is true.  The answer is true.  ### Response: False.  The answer is false."),
+        ({"instruction": "q\n\nAnswer format: true/false", "answer": "false"}, "The answer is false, not true."),
+    ],
+)  # fmt: skip
+def test_scorer_takes_the_stated_answer(record, response):
+    assert score_response(record, response) == 1.0
+
+
+def test_llm_adapters_rule_stays_available():
+    record = {"instruction": "q", "answer": "5"}
+    assert score_response(record, "The answer is 5. Check: 5 + 3 = 8.", rule="llm-adapters") == 0.0  # last number
+    with pytest.raises(ValueError, match="rule: unknown"):
+        score_response(record, "5", rule="mine")

@@ -19,13 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapter, tiny_model
+from conftest import (
+    randomize_adapter,
+    tiny_model,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import zflora
+from zflora.adapter_io import AdapterError, checkpoint_fingerprint
 from zflora.cli import main
 from zflora.modules import HiddenReadLinear
-from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, hf_overrides, read_for_config
+from zflora.registry import MARKER
+from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, hf_overrides, read_for_config, serve_command
 from zflora.serve.checkpoint import fuse_state_dict
 
 CASES = {
@@ -357,3 +362,35 @@ def test_serve_bench_runs_all_three_engines(vllm, tmp_path):
     assert set(result["decode_timing"]) == {"base", "lora", "zflora"}
     assert (out / "r.png").stat().st_size > 0 and "| batch 2: ms per output token" in (out / "r.md").read_text()
     assert not list(tmp_path.glob("zflora-serve-bench-*"))  # the checkpoints were cleaned up
+
+
+# --------------------------------------------------------------------------- refusals and faults
+
+
+def test_serve_resolves_and_checks_the_model(tmp_path, monkeypatch):
+    """B13: a fetched model's name reached vLLM as ./NAME, and a missing model passed a dry run."""
+    monkeypatch.setenv("ZFLORA_HOME", str(tmp_path / "home"))
+    fetched = tmp_path / "home" / "models" / "smollm2-135m-instruct"
+    save_base(fetched)
+    (fetched / MARKER).write_text("{}")
+    cmd = serve_command("smollm2-135m-instruct", None, [])
+    assert cmd[cmd.index("--model") + 1] == str(fetched.resolve())
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
+        serve_command(str(tmp_path / "nonexistent"), None, [])
+    with pytest.raises(SystemExit, match="zflora serve: .*nonexistent"):
+        main(["serve", "--model", str(tmp_path / "nonexistent"), "--dry-run"])
+
+
+def test_serve_refuses_an_adapter_from_another_base_of_the_same_shapes(tmp_path):
+    """B14: serve compared the adapter with a meta-device base, where the fingerprint finds nothing."""
+    model = save_base(tmp_path / "base", seed=0)
+    save_base(tmp_path / "other", seed=1)  # same shapes, other weights
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=4))
+    randomize_adapter(model)
+    zflora.save_adapter(model, tmp_path / "ad")
+    assert checkpoint_fingerprint(tmp_path / "base", 2) == zflora.adapter_io.base_fingerprint(model)
+    serve_command(str(tmp_path / "base"), str(tmp_path / "ad"), [])  # its own base: accepted
+    with pytest.raises(AdapterError, match="weights of embed_tokens differ"):
+        serve_command(str(tmp_path / "other"), str(tmp_path / "ad"), [])
+    with pytest.raises(AdapterError, match="weights of embed_tokens differ"):  # what load_adapter says too
+        zflora.load_adapter(zflora.models.load_local_model(tmp_path / "other"), tmp_path / "ad")

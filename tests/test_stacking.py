@@ -6,10 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_same_state, state, tiny_model
+from conftest import (
+    assert_same_state,
+    saved_adapter,
+    state,
+    tiny_model,
+)
 
 import zflora
 from zflora.adapter_io import AdapterError
+from zflora.compiled import compile as zcompile
 from zflora.transform import UnsupportedModelError
 
 # Different ranks, targets, alphas, LM head and input expansion: all share one stream.
@@ -178,3 +184,27 @@ def test_no_extra_operator_per_layer(ids) -> None:
     per_layer = {m: counts[m, 4] - counts[m, 2] for m in ("base", "stacked")}
     assert per_layer["stacked"] == per_layer["base"]  # routing adds nothing inside a layer
     assert counts["base", 2] - counts["stacked", 2] == Counter()
+
+
+# --------------------------------------------------------------------------- refusals and faults
+
+
+def test_stack_api_edges_are_explained(tmp_path):
+    """route("0") / route(None) gave torch's messages, stack_adapters([None]) a TypeError, swap_slot(True) took
+    slot 1, save_adapter on a stack said it had no adapter, and a frozen compiled stack accepted a swap."""
+    path = saved_adapter(tmp_path)
+    model = zflora.stack_adapters(tiny_model(tie=True), [path, path])
+    for ids in ("0", None, 3):
+        with pytest.raises(ValueError, match="adapter_ids"), zflora.route(model, ids):
+            pass
+    with pytest.raises(ValueError, match="slot: must be an integer"):
+        zflora.swap_slot(model, True, path)
+    with pytest.raises(AdapterError, match="holds stacked adapters"):
+        zflora.save_adapter(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="each must be an adapter directory or an Adapter, got NoneType"):
+        zflora.stack_adapters(tiny_model(tie=True), [None])
+    zcompile(model, freeze=True)
+    before = state(model)
+    with pytest.raises(AdapterError, match="freeze=True"):
+        zflora.swap_slot(model, 0, path)
+    assert_same_state(before, state(model))

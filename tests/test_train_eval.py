@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import (
+    adapted,
+)
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from zflora import score_response
+import zflora
 from zflora.cli import main
 from zflora.finetune.config import TrainConfig
+from zflora.finetune.data import DataError, load_examples
+from zflora.finetune.evaluate import score_responses_file, task_kind
+from zflora.finetune.scoring import score_response
 from zflora.finetune.tasks import make_task
-from zflora.finetune.train import last_complete_checkpoint, save_trained, train_model
+from zflora.finetune.train import claim_output, last_complete_checkpoint, save_trained, train_model
 from zflora.models import load_tokenizer
 
 
@@ -184,3 +191,151 @@ def test_two_processes_train_like_one_and_only_the_main_one_writes(stories_path,
     assert one.keys() == both.keys()
     for k in one:
         torch.testing.assert_close(both[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- refusals and faults
+
+
+def test_eval_file_validated_before_generating(tmp_path):
+    """A mixed-kind file (kind was taken from record 0) and a summary without gold, found before generation."""
+    records = [{"instruction": "q", "answer": "3"}, {"instruction": "Pick. (A) 1 (B) 2", "answer": "B"}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match="record 1 is scored as 'choice' but record 0 as 'number'"):
+        task_kind("mixed", load_examples(path))
+
+
+def _exit_code(argv: list[str]) -> int | str:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    return done.value.code
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--alpha", "inf"], "alpha: must be a positive finite number"),  # broken promise 6
+        (["--alpha", "0"], "alpha: must be a positive finite number"),  # broken promise 7
+        (["--lr", "inf"], "lr: must be a positive finite number"),
+        (["--epochs", "0"], "epochs: must be a positive finite number"),
+        (["--batch-size", "0"], "batch_size: must be a positive integer"),
+        (["--limit", "-1"], "limit: must be a positive integer"),
+    ],
+)
+def test_train_refuses_bad_hyper_parameters_with_usage_exit(tmp_path, capsys, flags, match):
+    argv = ["train", "--model", str(tmp_path), "--data", str(tmp_path / "d.json"), "--output", str(tmp_path / "o")]
+    assert _exit_code(argv + flags) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--limit", "0"], ["--batch-size", "0"], ["--max-new-tokens", "0"]])
+def test_eval_refuses_zero_counts(tmp_path, capsys, flags):
+    """Broken promise 8: --limit 0 ended in an IndexError traceback."""
+    assert _exit_code(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "d.json"), *flags]) == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_data_and_model_errors_are_one_line_with_exit_1(tmp_path, stories_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert "no records" in _exit_code(["eval", "--model", str(stories_path), "--data", str(empty)])
+    gpt2 = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    zflora.save_adapter(adapted(), tmp_path / "a")
+    code = _exit_code(["eval", "--model", str(gpt2), "--adapter", str(tmp_path / "a"), "--data", str(empty)])
+    assert isinstance(code, str) and "no records" in code  # data checked before the model is even loaded
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "q", "answer": "1"}]))
+    code = _exit_code(["eval", "--model", str(gpt2), "--adapter", str(tmp_path / "a"), "--data", str(data)])
+    assert isinstance(code, str) and "GPT2LMHeadModel" in code
+    bad = tmp_path / "bad"
+    shutil.copytree(stories_path, bad)
+    (bad / "config.json").write_text("{")
+    code = _exit_code(["eval", "--model", str(bad), "--data", str(data)])
+    assert isinstance(code, str) and code.startswith("zflora eval:")
+
+
+def test_train_refuses_an_output_that_holds_another_run(tmp_path):
+    """B5: a finished run's final/ was overwritten and its checkpoints rotated away without a word."""
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "checkpoint-10").mkdir()
+    (out / "train_log.json").write_text("{}")
+    cfg = dict(model=tmp_path, data=[tmp_path / "d.json"], output=out)
+    with pytest.raises(FileExistsError, match="holds another run .*--resume .*--overwrite"):
+        claim_output(TrainConfig(**cfg))
+    assert (out / "final").is_dir() and (out / "checkpoint-10").is_dir()
+    claim_output(TrainConfig(**cfg, resume=True))  # continuing it is fine and removes nothing
+    assert (out / "checkpoint-10").is_dir()
+    claim_output(TrainConfig(**cfg, overwrite=True))
+    assert not any(out.iterdir())
+    with pytest.raises(ValueError, match="resume, overwrite"):
+        TrainConfig(**cfg, resume=True, overwrite=True)
+
+
+@pytest.mark.parametrize("ratio", [1, 5, 1.0, -0.1, float("nan")])
+def test_warmup_ratio_is_a_fraction(tmp_path, ratio):
+    """B6: --warmup-ratio reached Trainer as warmup_steps, so 1 meant one step and 5 five steps."""
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainConfig(model=tmp_path, data=[tmp_path], output=tmp_path, warmup_ratio=ratio)
+    TrainConfig(model=tmp_path, data=[tmp_path], output=tmp_path, warmup_ratio=0.99)
+
+
+def test_responses_of_mixed_kinds_are_refused(tmp_path):
+    """B7: a responses file was scored with its first record's kind: two right answers scored 50."""
+    rows = [{"task": "t", "record": {"instruction": "2+2?", "answer": "4"}, "response": "4"},
+            {"task": "t", "record": {"instruction": "x\n\nAnswer format: true/false", "answer": "true"},
+             "response": "true"}]  # fmt: skip
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"r.jsonl: task t: record 1 is scored as 'label' but record 0 as 'number'"):
+        score_responses_file(path)
+
+
+def test_two_files_of_one_task_name_are_refused(tmp_path):
+    """B8: a/boolq/test.json and b/boolq/test.json both became task 'boolq'; the first was dropped."""
+    for d in ("a", "b"):
+        (tmp_path / d / "boolq").mkdir(parents=True)
+        (tmp_path / d / "boolq" / "test.json").write_text('[{"instruction": "q", "answer": "true"}]')
+    with pytest.raises(SystemExit, match="all name the task 'boolq'"):
+        main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "a/boolq/test.json"),
+              str(tmp_path / "b/boolq/test.json")])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [({"learning_rate": 1.0}, "learning_rate set by zflora train"), ({"no_such_field": 1}, "no_such_field is not")],
+)
+def test_extra_training_arguments_are_checked(tmp_path, extra, match):
+    from zflora.finetune.train import check_extra
+
+    with pytest.raises(ValueError, match=match):
+        check_extra(extra, {"learning_rate": 1e-3})
+
+
+def test_damaged_scheduler_or_rng_state_falls_back_a_checkpoint(tmp_path):
+    """Checkpoint fallback checked the optimizer and the adapter, not scheduler.pt or rng_state.pth."""
+    from zflora.finetune.train import COMPLETE, checkpoint_problem
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / COMPLETE).write_text("complete\n")
+    torch.save({"lr": [1.0]}, ckpt / "scheduler.pt")
+    assert checkpoint_problem(ckpt) is None
+    for name in ("scheduler.pt", "rng_state.pth"):
+        (ckpt / name).write_bytes(b"\x80\x02truncated")
+        assert checkpoint_problem(ckpt) is not None
+        (ckpt / name).unlink()
+
+
+def test_eval_output_that_is_a_directory_is_refused_before_generating(tmp_path, stories_path):
+    """eval --output DIR failed only after all generation, leaving DIR.responses.jsonl behind."""
+    (tmp_path / "out").mkdir()
+    data = tmp_path / "t.json"
+    data.write_text('[{"instruction": "q", "answer": "true"}]')
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(["eval", "--model", str(stories_path), "--data", str(data), "--output", str(tmp_path / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t.json"]
