@@ -10,8 +10,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Fine-tuning methods, one name each across training, evaluation and the benchmarks.
+# Fine-tuning methods, one name each across training, evaluation and the benchmarks; the adapter methods among them.
 METHODS = ("base", "lora", "lora-mha", "zflora", "zflora-mha", "fft")
+ADAPTER_METHODS = tuple(m for m in METHODS if m not in ("base", "fft"))
+# Ranks by default. Training, evaluation and the demo use r = 16, the rank of the paper's accuracy comparison.
+# The latency benchmarks use r = 64, the largest rank the paper times, where an adapter's cost is easiest to
+# see (`zflora.bench.config`); the miniature study and the mixed-batch benchmark use r = 8, for a model or a
+# model cut so small (d = 64, two layers) that r = 16 would be a quarter of its width.
+DEFAULT_RANK = 16
+BENCH_RANK = 64
+SMALL_RANK = 8
 # The real pretrained model the demo and the miniature study use by default (llama2.c's stories260K).
 STORIES260K = Path("../shared/models/stories260K")
 # dtype names accepted everywhere (flags, configs), with torch's name for each; "auto" picks by hardware.
@@ -81,7 +89,7 @@ class ZFLoRAConfig:
         z0 = 0 the first layer's input projections can never see an adapter signal.
     """
 
-    r: int = 16
+    r: int = DEFAULT_RANK
     alpha: float | None = None
     targets: str | list[str] | tuple[str, ...] = "all"
     lm_head: bool = False

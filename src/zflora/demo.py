@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import STORIES260K, positive_int
+from .config import ADAPTER_METHODS, DEFAULT_RANK, STORIES260K, positive_int
 
 
 @dataclass
@@ -13,7 +13,7 @@ class DemoConfig:
     """`zflora demo`: apply zFLoRA to a real local model and show its invariants."""
 
     model: Path = field(default=STORIES260K, metadata={"help": "local Hugging Face checkpoint directory"})
-    rank: int = 16
+    rank: int = DEFAULT_RANK
 
     def __post_init__(self) -> None:
         positive_int("rank", self.rank)
@@ -24,7 +24,7 @@ def parameter_counts() -> None:
     from zflora.models import meta_model, preset_config
 
     print("Trainable parameters at the LLaMA-3.2-1B shape, r = 64 (all seven / attention projections):")
-    for method in ("lora", "lora-mha", "zflora", "zflora-mha"):
+    for method in ADAPTER_METHODS:
         model = zflora.prepare_model(meta_model(preset_config("llama-3.2-1b")), method, r=64)
         print(f"  {method:<11} {zflora.count_trainable_parameters(model):>12,}")
 

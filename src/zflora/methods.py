@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapter_io import Adapter, base_identity
-from .config import ALL_PROJECTIONS, METHODS, TARGET_PRESETS, ZFLoRAConfig, check_alpha
+from .config import ALL_PROJECTIONS, DEFAULT_RANK, METHODS, TARGET_PRESETS, ZFLoRAConfig, check_alpha
 from .models import head_dim, meta_model
 from .transform import adapter_parameters, apply_zflora, fuse, is_zflora
 
@@ -26,7 +26,7 @@ def lora_config(r: int, alpha: float | None = None, targets: str = "all") -> Any
 
 
 def prepare_model(
-    model: nn.Module, method: str, r: int = 16, alpha: float | None = None, **zflora_kwargs: Any
+    model: nn.Module, method: str, r: int = DEFAULT_RANK, alpha: float | None = None, **zflora_kwargs: Any
 ) -> nn.Module:
     """Prepare a LLaMA-family causal LM for `method`; returns the model to train or serve.
 

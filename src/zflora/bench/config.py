@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DTYPES, METHODS, check_alpha
+from ..config import BENCH_RANK, DTYPES, METHODS, SMALL_RANK, check_alpha
 from ..config import positive_int as positive
 from ..presets import PRESETS
 
@@ -55,7 +55,7 @@ class ModelShape:
                                                           "choices": tuple(PRESETS)})  # fmt: skip
     model: Path | None = field(default=None, metadata={"help": "a local checkpoint instead of a preset"})
     layers: int | None = field(default=None, metadata={"help": "cut the depth to N layers (recorded)"})
-    rank: int = 64
+    rank: int = BENCH_RANK
     alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 where the hardware runs it natively, else fp32",
                                                  "choices": ("auto", *DTYPES)})  # fmt: skip
@@ -168,7 +168,7 @@ class MixedBenchConfig(Outputs, ModelShape):
     """`zflora mixed-bench`: one batch of requests for k different adapters; stacked zFLoRA vs PEFT's
     mixed-batch LoRA (`adapter_names=`) vs the base model, in Hugging Face transformers."""
 
-    rank: int = 8
+    rank: int = SMALL_RANK
     layers: int | None = field(default=2, metadata={"help": "cut the depth to N layers (recorded)"})
     adapters: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={"help": "numbers k of distinct adapters"})
     batch: int = field(default=8, metadata={"help": "requests per batch; row b goes to adapter b mod k"})

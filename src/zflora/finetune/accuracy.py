@@ -41,7 +41,7 @@ from ..models import load_local_model, load_tokenizer, require_local, torch_dtyp
 from ..registry import home
 from .accuracy_report import chart, collect, markdown, sha256, verified
 from .cloze import to_cloze
-from .config import CATEGORIES, AccuracyConfig, TrainConfig
+from .config import ADAPTER_METHODS, CATEGORIES, AccuracyConfig, TrainConfig
 from .data import Example, load_records, to_example, tokenize
 from .evaluate import generate, task_name
 from .likelihood import score_clozes
@@ -363,7 +363,7 @@ def work_dir(cfg: AccuracyConfig) -> Path:
 def run(cfg: AccuracyConfig) -> dict[str, Any]:
     require_local(cfg.model)  # a name stays a name in the study's record: it resolves on every machine
     open_study(cfg)
-    ranks: dict[str, int | None] = {m: cfg.rank for m in ("lora", "zflora", "lora-mha", "zflora-mha")}
+    ranks: dict[str, int | None] = {m: cfg.rank for m in ADAPTER_METHODS}
     ranks |= {"base": None, "fft": None}
     if "zflora-matched" in cfg.methods:
         ranks["zflora-matched"] = matched_rank(require_local(cfg.model), "zflora", "lora", cfg.rank)

@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, STORIES260K, check_alpha, positive_finite, positive_int
+from ..config import (
+    ADAPTER_METHODS,
+    DEFAULT_RANK,
+    METHODS,
+    SMALL_RANK,
+    STORIES260K,
+    check_alpha,
+    positive_finite,
+    positive_int,
+)
 
 TRAIN_METHODS = tuple(m for m in METHODS if m != "base")
 
@@ -33,7 +42,7 @@ class TrainConfig:
     data: list[Path] = field(metadata={"help": "LLM-Adapters .json / DialogSum .jsonl files"})
     output: Path = field(metadata={"help": "run directory (checkpoints, final/, train_log.json)"})
     method: str = field(default="zflora", metadata={"choices": TRAIN_METHODS})
-    rank: int = 16
+    rank: int = DEFAULT_RANK
     alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
     lr: float = 2e-4
     epochs: float = 1.0
@@ -109,7 +118,7 @@ class StudyConfig:
     """`zflora study`: the miniature accuracy study on stories260K (all methods, several seeds)."""
 
     model: Path = field(default=STORIES260K, metadata={"help": "local checkpoint directory"})
-    rank: int = 8
+    rank: int = SMALL_RANK
     seeds: int = 3
     steps: int = 150
     batch_size: int = 16
@@ -136,7 +145,6 @@ CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
                                                                              "SingleEq")]),
     "summary": (["dialogsum/dialogsum.dev.jsonl"], ["dialogsum/dialogsum.test.jsonl"]),
 }  # fmt: skip
-ADAPTER_METHODS = ("lora", "zflora", "lora-mha", "zflora-mha")
 STUDY_METHODS = ("base", *ADAPTER_METHODS, "zflora-matched", "fft")
 
 
@@ -175,7 +183,7 @@ class AccuracyConfig:
             "starts: fp32 runs natively everywhere; bf16 only where the CPU has AVX-512 BF16 or AMX",
         },
     )
-    rank: int = 16
+    rank: int = DEFAULT_RANK
     seeds: int = field(default=3, metadata={"help": "seeds of lora and zflora (other methods: one)"})
     methods: tuple[str, ...] = field(
         default=("base", *ADAPTER_METHODS, "zflora-matched"), metadata={"help": "add fft to fine-tune every weight too"}

@@ -23,21 +23,19 @@ from ..files import write_json, write_text
 from ..hardware import environment
 from ..methods import matched_rank, prepare_for_eval
 from ..models import load_local_model, load_tokenizer
-from .config import StudyConfig, TrainConfig
+from .config import ADAPTER_METHODS, StudyConfig, TrainConfig
 from .data import Example, to_example
 from .evaluate import evaluate_tasks
 from .stats import mean_std
 from .tasks import TASKS, make_splits
 from .train import step_time_summary, train_model
 
-ADAPTERS = ("zflora", "zflora-mha", "lora", "lora-mha")
-
 
 def run_one(
     cfg: StudyConfig, method: str, rank: int, seed: int, train: list[Example], test: dict[str, list[Example]]
 ) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
-    result: dict[str, Any] = {"method": method, "rank": rank if method in ADAPTERS else None, "seed": seed}
+    result: dict[str, Any] = {"method": method, "rank": rank if method in ADAPTER_METHODS else None, "seed": seed}
     model = load_local_model(cfg.model)
     if method != "base":
         with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +62,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
     zm_rank = matched_rank(cfg.model, "zflora-mha", "lora-mha", cfg.rank)
     plan = [("base", cfg.rank, 0)]
     for seed in range(cfg.seeds):
-        plan += [(m, cfg.rank, seed) for m in (*ADAPTERS, "fft")]
+        plan += [(m, cfg.rank, seed) for m in (*ADAPTER_METHODS, "fft")]
         plan += [("zflora", z_rank, seed), ("zflora-mha", zm_rank, seed)]
     started = time.perf_counter()
     runs = [run_one(cfg, m, r, s, train, test) for m, r, s in tqdm(plan, disable=not cfg.progress, desc="study")]
@@ -87,7 +85,7 @@ def markdown(result: dict[str, Any]) -> str:
     runs, tasks, st = result["runs"], list(result["tasks"]), result["settings"]
     ranks = result["matched_ranks"]
     groups = [
-        (f"Matched rank (r = {st['rank']})", [(m, st["rank"]) for m in ("base", *ADAPTERS, "fft")]),
+        (f"Matched rank (r = {st['rank']})", [(m, st["rank"]) for m in ("base", *ADAPTER_METHODS, "fft")]),
         (
             "Matched trainable parameters (zFLoRA's rank raised to LoRA's count)",
             [("lora", st["rank"]), ("zflora", ranks["zflora"]), ("lora-mha", st["rank"]),
@@ -109,7 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
             cells = [mean_std([r["scores"][t] for r in mine]) for t in tasks]
             params = mine[0].get("trainable_parameters", 0)
             step = mean_std([r["step_ms"] for r in mine]) if "step_ms" in mine[0] else "-"
-            shown_rank = rank if method in ADAPTERS else "-"
+            shown_rank = rank if method in ADAPTER_METHODS else "-"
             avg = mean_std([r["average"] for r in mine])
             lines.append(f"| {method} | {shown_rank} | {params:,} | " + " | ".join(cells) + f" | {avg} | {step} |")
         lines.append("")
