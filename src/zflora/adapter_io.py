@@ -35,7 +35,7 @@ from torch import nn
 
 from .compiled import is_frozen
 from .config import ZFLoRAConfig
-from .files import atomic_write, remove_stale, write_json
+from .files import atomic_write, read_json_object, remove_stale, write_json
 from .fusion import adapter_tensor
 from .models import head_dim, meta_model
 from .modules import FusedLinear
@@ -184,11 +184,8 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[ZFLoRAConfig, dict[str
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file}: missing (an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("zflora"), dict):
+    meta = read_json_object(cfg_file, AdapterError)
+    if not isinstance(meta.get("zflora"), dict):
         raise AdapterError(f"{cfg_file}: no 'zflora' object; is this a zFLoRA adapter?")
     if meta.get("format") != FORMAT_VERSION:
         raise AdapterError(f"{cfg_file}: format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
@@ -373,13 +370,10 @@ def adapter_kind(path: str | os.PathLike) -> str:
     cfg = Path(path) / CONFIG_NAME
     if not cfg.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; pass a zFLoRA or PEFT adapter directory")
-    try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AdapterError(f"{cfg}: not valid JSON ({type(e).__name__})") from None
-    if isinstance(meta, dict) and isinstance(meta.get("zflora"), dict):
+    meta = read_json_object(cfg, AdapterError)
+    if isinstance(meta.get("zflora"), dict):
         return "zflora"
-    if isinstance(meta, dict) and "peft_type" in meta:
+    if "peft_type" in meta:
         return "peft"
     raise AdapterError(f"{cfg}: neither a zFLoRA adapter (a 'zflora' object) nor a PEFT one (a 'peft_type')")
 

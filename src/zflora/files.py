@@ -64,3 +64,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: Any, indent: int = 1) -> None:
     write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else (not UTF-8, not JSON, nested too deeply, a list)
+    raises `error` naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

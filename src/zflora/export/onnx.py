@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter_io import AdapterError, base_identity, check_fits, check_same_base, read_adapter
-from ..files import apply_umask, atomic_write, remove_stale, write_json
+from ..files import apply_umask, atomic_write, read_json_object, remove_stale, write_json
 from ..fusion import Kind, adapter_block, adapter_tensor, base_block, block_of
 from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
@@ -220,13 +219,7 @@ def read_manifest(output: str | os.PathLike) -> dict[str, Any]:
     path = Path(output) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{output}: no {MANIFEST}; not a zflora ONNX export")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:160]})") from None
-    if not isinstance(manifest, dict):
-        raise AdapterError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    return manifest
+    return read_json_object(path, AdapterError)
 
 
 # --------------------------------------------------------------------------- adapter swap
