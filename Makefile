@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,eval]"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -208,3 +208,15 @@ def test_report_reads_the_study_directory_alone(tmp_path):
 def test_lead2_takes_the_first_two_utterances_without_speakers():
     dialogue = "#Person1#: Hi, Tom.\n#Person2#: Hello: how are you?\n#Person1#: Fine."
     assert accuracy.lead2(dialogue) == "Hi, Tom. Hello: how are you?"
+
+
+def test_a_checkpoint_killed_while_being_written_never_blocks_a_restart(stories_path, tmp_path):
+    """B10: a run killed while writing its first checkpoint could never be resumed, nor started again."""
+    from zflora.finetune.data import Example
+
+    work = tmp_path / "work" / "run"
+    (work / "checkpoint-1").mkdir(parents=True)  # half written: no completion marker
+    (work / "checkpoint-1" / "trainer_state.json").write_text("{")
+    examples = [Example("Once upon a time", " there was a cat.", {})] * 8
+    model, log = accuracy.train(quick(stories_path, tmp_path), "zflora", 4, 1e-3, 0, examples, 1, work)
+    assert log["steps"] == 1 and log["resumed_from"] is None
