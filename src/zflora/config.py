@@ -47,6 +47,15 @@ def _normalise_target(name: Any) -> str:
     return short
 
 
+TRAIN_DTYPES = ("fp32", "bf16")  # what training runs in: fp16 needs loss scaling, which CPUs do not need
+
+
+def check_dtype(name: str, value: Any, accepted: tuple[str, ...] = ("auto", *DTYPES)) -> None:
+    """Validate a dtype name (`DTYPES`, and "auto" where the hardware picks); the error names the field."""
+    if value not in accepted:
+        raise ValueError(f"{name}: unknown {value!r}; accepted: {', '.join(accepted)}")
+
+
 def positive_int(name: str, value: Any) -> None:
     """Validate a field that must be a positive integer; the error names the field."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .config import DTYPES
+from .config import check_dtype
 
 # CPU features that decide which dtype runs fast (bf16 is emulated, ~60x slower than fp32, without them).
 CAPABILITY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -39,8 +39,7 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 def auto_dtype(name: str, device: torch.device | str = "cpu") -> str:
     """`name`, or for "auto" the fastest exact-enough dtype the hardware runs natively: bf16 or fp32."""
     if name != "auto":
-        if name not in DTYPES:
-            raise ValueError(f"dtype: unknown {name!r}; accepted: auto, {', '.join(DTYPES)}")
+        check_dtype("dtype", name)
         return name
     return "bf16" if native_bf16(device) else "fp32"
 

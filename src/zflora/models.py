@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from .config import DTYPES
+from .config import DTYPES, check_dtype
 from .presets import PRESETS
 
 
@@ -37,8 +37,7 @@ def head_dim(config: Any) -> int:
 
 def torch_dtype(name: str) -> torch.dtype:
     """A dtype by the names every flag and config uses (`zflora.config.DTYPES`)."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype: unknown {name!r}; accepted: {', '.join(DTYPES)}")
+    check_dtype("dtype", name, tuple(DTYPES))
     return getattr(torch, DTYPES[name])
 
 

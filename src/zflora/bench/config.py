@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BENCH_RANK, DTYPES, METHODS, SMALL_RANK, check_alpha
+from ..config import BENCH_RANK, DTYPES, METHODS, SMALL_RANK, check_alpha, check_dtype
 from ..config import positive_int as positive
 from ..presets import PRESETS
 
@@ -37,8 +37,7 @@ def check_common(cfg: Any, methods: tuple[str, ...], integers: tuple[str, ...], 
         positive("layers", cfg.layers)
     if cfg.warmup < 0:
         raise ValueError(f"warmup: must be >= 0, got {cfg.warmup}")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown {cfg.dtype!r}; accepted: auto, {', '.join(DTYPES)}")
+    check_dtype("dtype", cfg.dtype)
     check_alpha(cfg.alpha, cfg.rank)
     unknown = [m for m in cfg.methods if m not in methods]
     if unknown or "base" not in cfg.methods:

@@ -16,7 +16,9 @@ from ..config import (
     METHODS,
     SMALL_RANK,
     STORIES260K,
+    TRAIN_DTYPES,
     check_alpha,
+    check_dtype,
     positive_finite,
     positive_int,
 )
@@ -54,7 +56,7 @@ class TrainConfig:
         default=0.03, metadata={"help": "learning-rate warm-up, a fraction of the steps in [0, 1)"}
     )
     weight_decay: float = 0.0
-    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "bf16"),
+    dtype: str = field(default="fp32", metadata={"choices": TRAIN_DTYPES,
                                                  "help": "bf16 only where the hardware runs it natively"})  # fmt: skip
     gradient_checkpointing: bool = False
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: each epoch; < 0: none)"})
@@ -70,8 +72,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
             raise ValueError(f"method: unknown {self.method!r}; accepted: {', '.join(TRAIN_METHODS)}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: fp32, bf16")
+        check_dtype("dtype", self.dtype, TRAIN_DTYPES)
         positive_ints(self, "rank", "batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
         self.alpha = check_alpha(self.alpha, self.rank)
         finite_positive(self, "lr", "epochs")
@@ -178,7 +179,7 @@ class AccuracyConfig:
     dtype: str = field(
         default="fp32",
         metadata={
-            "choices": ("fp32", "bf16"),
+            "choices": TRAIN_DTYPES,
             "help": "fixed when the study "
             "starts: fp32 runs natively everywhere; bf16 only where the CPU has AVX-512 BF16 or AMX",
         },
@@ -213,8 +214,7 @@ class AccuracyConfig:
 
     def __post_init__(self) -> None:
         positive_ints(self, "rank", "seeds", "batch_size", "max_length", "n_val", "sweep_steps", "eval_batch_size")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype: unknown {self.dtype!r}; accepted: fp32, bf16")
+        check_dtype("dtype", self.dtype, TRAIN_DTYPES)
         if bad := [m for m in self.methods if m not in STUDY_METHODS]:
             raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(STUDY_METHODS)}")
         if bad := [c for c in self.categories if c not in CATEGORIES]:
