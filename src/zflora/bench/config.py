@@ -61,7 +61,18 @@ class ModelShape:
 
 
 @dataclass
-class BenchConfig(ModelShape):
+class Outputs:
+    """What a benchmark writes (each optional, atomically) and how it runs: seed, progress bar."""
+
+    seed: int = 0
+    json_path: Path | None = field(default=None, metadata={"flag": "json", "help": "every raw sample, the machine"})
+    chart_path: Path | None = field(default=None, metadata={"flag": "chart", "help": "a PNG chart"})
+    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown", "help": "the tables"})
+    progress: bool = True
+
+
+@dataclass
+class BenchConfig(Outputs, ModelShape):
     """`zflora bench`: base vs LoRA vs zFLoRA latency in Hugging Face transformers."""
 
     batch: int = 1
@@ -93,11 +104,6 @@ class BenchConfig(ModelShape):
     proj_repeats: int = 5
     device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
-    seed: int = 0
-    json_path: Path | None = field(default=None, metadata={"flag": "json", "help": "every raw sample, the machine"})
-    chart_path: Path | None = field(default=None, metadata={"flag": "chart", "help": "a PNG chart"})
-    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown", "help": "the tables"})
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.full:
@@ -126,17 +132,6 @@ class BenchConfig(ModelShape):
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if self.threads is not None:
             positive("threads", self.threads)
-
-
-@dataclass
-class Outputs:
-    """What a benchmark writes (each optional, atomically) and how it runs: seed, progress bar."""
-
-    seed: int = 0
-    json_path: Path | None = field(default=None, metadata={"flag": "json"})
-    chart_path: Path | None = field(default=None, metadata={"flag": "chart"})
-    markdown_path: Path | None = field(default=None, metadata={"flag": "markdown"})
-    progress: bool = True
 
 
 @dataclass
