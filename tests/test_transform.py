@@ -102,3 +102,73 @@ def test_fused_forward_has_no_extra_operator_per_layer(targets, ids):
     # Once per forward: the input expansion z0 = A_in h0 (a linear) and the concat [h0 ; z0].
     assert extra["cat"] == 1 and extra["mm"] == 1
     assert sum(extra.values()) <= 4, extra  # linear -> matmul -> mm, cat
+
+
+# --------------------------------------------------------------------------- the padded fused form
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"targets": "mha"}, {"lm_head": True}, {"expand_input": False}, {"targets": ["q", "v"]}]
+)
+def test_padded_fused_equals_unfused(arch, kwargs, ids):
+    """fuse(model, pad_to=32): the stream 48 + 8 = 56 wide becomes 64, zero channels after z; same function."""
+    model = tiny_model(arch, tie=True)
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8, **kwargs))
+    randomize_adapter(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        zflora.fuse(model, pad_to=32)
+        out = model(ids).logits
+    assert zflora.fused_padding(model) == 8
+    assert model.model.layers[0].self_attn.q_proj.in_features == 64
+    assert model.model.layers[0].mlp.down_proj.out_features == 64
+    assert (out - ref).abs().max() <= FUSED_TOL[torch.float32] * ref.abs().max()
+
+
+def test_padded_fused_hot_swap_unfuse_and_operators(ids, tmp_path):
+    """A hot-swap into the padded form equals a fresh padded fuse of the new adapter, writes nothing into
+    the padding, unfuse restores the training form bit for bit, and no layer gains an operator."""
+    a, b = tiny_model(), tiny_model()
+    for m, seed in ((a, 1), (b, 2)):
+        zflora.apply_zflora(m, zflora.ZFLoRAConfig(r=8))
+        randomize_adapter(m, seed=seed)
+    zflora.save_adapter(b, tmp_path / "b")
+    training = state(a)
+    zflora.fuse(a, pad_to=32)
+    zflora.load_adapter(a, tmp_path / "b")
+    zflora.fuse(b, pad_to=32)
+    assert_same_state(state(a), state(b))
+    down = a.model.layers[1].mlp.down_proj.weight
+    assert torch.count_nonzero(down[-8:]) == 0  # the padding rows
+    zflora.unfuse(b)
+    zflora.unfuse(a)
+    assert zflora.fused_padding(a) == 0
+    zflora.load_adapter(a, tmp_path / "b")
+    assert_same_state(state(a), state(b))
+    assert state(b).keys() == training.keys()
+
+    def per_layer(pad_to):
+        counts = []
+        for layers in (1, 2):
+            m = tiny_model(layers=layers)
+            zflora.apply_zflora(m, zflora.ZFLoRAConfig(r=8))
+            counts.append(count_operators(zflora.fuse(m, pad_to=pad_to), ids))
+        return counts[1] - counts[0]
+
+    assert per_layer(32) == per_layer(None)
+
+
+def test_padding_is_refused_where_it_does_not_apply(tmp_path):
+    model = tiny_model()
+    zflora.apply_zflora(model, zflora.ZFLoRAConfig(r=8))
+    with pytest.raises(ValueError, match="pad_to: must be a positive integer"):
+        zflora.fuse(model, pad_to=0)
+    assert not zflora.is_fused(model)
+    zflora.fuse(model, pad_to=16)
+    assert zflora.fused_padding(model) == 8  # 56 -> 64
+    from zflora.export.onnx import export
+
+    with pytest.raises(ValueError, match="padded fused model"):
+        export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

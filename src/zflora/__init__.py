@@ -37,13 +37,15 @@ _EXPORTS = {
     "adapter_parameters": "transform",
     "apply_zflora": "transform",
     "fuse": "transform",
+    "fused_padding": "transform",
     "is_fused": "transform",
     "is_zflora": "transform",
     "unfuse": "transform",
 }
 __all__ = [
     "METHODS", "SUPPORTED_ARCHITECTURES", "Adapter", "AdapterError", "UnsupportedModelError", "ZFLoRAConfig",
-    "adapter_parameters", "apply_zflora", "compile", "count_trainable_parameters", "fuse", "is_fused", "is_zflora",
+    "adapter_parameters", "apply_zflora", "compile", "count_trainable_parameters", "fuse", "fused_padding", "is_fused",
+    "is_zflora",
     "load_adapter", "prepare_model", "random_adapter", "read_adapter", "route", "save_adapter", "score_response",
     "set_adapter", "stack_adapters", "swap_slot", "unfuse",
 ]  # fmt: skip
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
         adapter_parameters,
         apply_zflora,
         fuse,
+        fused_padding,
         is_fused,
         is_zflora,
         unfuse,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ZFLoRAConfig
-from .fusion import adapter_block, base_block, block_of, fused_bias, fused_weight, unfused
+from .fusion import adapter_block, base_block, block_of, fused_bias, stacked_weight, unfused
 
 ADAPTER_PREFIX = "zflora_"
 
@@ -75,16 +75,19 @@ class ZFLoRAEmbedding(nn.Module):
         self.padding_idx = embedding.padding_idx
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.r = r
+        self.pad = 0  # zero channels after z in a padded fused form (`zflora.fuse(model, pad_to=...)`)
         self.zflora_A_in = _adapter((r, self.embedding_dim), self.weight, zero=False) if expand_input else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = F.embedding(input_ids, self.weight, self.padding_idx)  # (B, T, d)
         if self.zflora_A_in is None:
-            return F.pad(h, (0, self.r))  # (B, T, d + r), z0 = 0
-        return torch.cat([h, F.linear(h, self.zflora_A_in)], dim=-1)  # (B, T, d + r)
+            return F.pad(h, (0, self.r + self.pad))  # (B, T, d + r), z0 = 0
+        x = torch.cat([h, F.linear(h, self.zflora_A_in)], dim=-1)  # (B, T, d + r)
+        return F.pad(x, (0, self.pad)) if self.pad else x  # once per forward, not per layer
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim} -> {self.embedding_dim}+{self.r}"
+        pad = f"+{self.pad}" if self.pad else ""
+        return f"{self.num_embeddings}, {self.embedding_dim} -> {self.embedding_dim}+{self.r}{pad}"
 
 
 class _StreamRMSNorm(nn.Module):
@@ -195,41 +198,49 @@ class FusedLinear(nn.Linear):
     can rewrite the r extra columns/rows without touching the base block.
     """
 
-    def __init__(self, src: ZFLoRALinear) -> None:
+    def __init__(self, src: ZFLoRALinear, pad: int = 0) -> None:
         nn.Module.__init__(self)
-        self.kind, self.config = src.kind, src.config
+        self.kind, self.config, self.pad = src.kind, src.config, pad
         self.base_in, self.base_out = src.in_features, src.out_features
         self.zflora_A, self.zflora_B = src.zflora_A, src.zflora_B
-        fused = fused_weight(self.kind, src.weight, src.adapter_matrix, self.scaling, self.r)
+        blocks = [(src.adapter_matrix, self.scaling, self.r)] + ([(None, 0.0, pad)] if pad else [])
+        fused = stacked_weight(self.kind, src.weight, blocks)  # [W | s B (| 0)] or [W ; A (; 0)]
         self.weight = nn.Parameter(fused, requires_grad=False)
         self.bias = src.bias
         if src.bias is not None and self.kind == "out":
-            self.bias = nn.Parameter(fused_bias(src.bias, self.r), requires_grad=False)
+            self.bias = nn.Parameter(fused_bias(src.bias, self.extra), requires_grad=False)
         self.out_features, self.in_features = fused.shape
 
     r = ZFLoRALinear.r
     scaling = ZFLoRALinear.scaling
     adapter_matrix = ZFLoRALinear.adapter_matrix
 
+    @property
+    def extra(self) -> int:
+        """Columns ("in") or rows ("out") after the base block: the adapter's r and any zero padding."""
+        return self.r + self.pad
+
     @torch.no_grad()
     def refresh_adapter(self) -> None:
         """Rewrite only the adapter block of the fused weight from the stored adapter matrix and scale."""
         if self.adapter_matrix is not None:
-            block_of(self.kind, self.weight, self.r).copy_(
+            start = self.base_in if self.kind == "in" else self.base_out  # right after the base block
+            block_of(self.kind, self.weight, self.r, start).copy_(
                 adapter_block(self.kind, self.weight, self.adapter_matrix, self.scaling, self.r)
             )
 
     def to_unfused(self) -> ZFLoRALinear:
-        base_w = base_block(self.kind, self.weight.detach(), self.r)
+        base_w = base_block(self.kind, self.weight.detach(), self.extra)
         base = nn.Linear(self.base_in, self.base_out, bias=False, device="meta")
         base.weight = nn.Parameter(base_w.clone(), requires_grad=False)
         bias = self.bias
         if bias is not None and self.kind == "out":
-            bias = nn.Parameter(unfused(bias.detach(), self.r).clone(), requires_grad=False)
+            bias = nn.Parameter(unfused(bias.detach(), self.extra).clone(), requires_grad=False)
         base.bias = bias
         m = ZFLoRALinear(base, self.kind, self.config, targeted=False)
         m.zflora_A, m.zflora_B = self.zflora_A, self.zflora_B
         return m
 
     def extra_repr(self) -> str:
-        return f"fused {self.kind}, {self.in_features} -> {self.out_features}, r={self.r}"
+        pad = f", pad={self.pad}" if self.pad else ""
+        return f"fused {self.kind}, {self.in_features} -> {self.out_features}, r={self.r}{pad}"

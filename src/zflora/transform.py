@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import INPUT_PROJECTIONS, ZFLoRAConfig
-from .fusion import fused_gain, kind_of, unfused
+from .config import INPUT_PROJECTIONS, ZFLoRAConfig, positive_int
+from .fusion import fused_gain, kind_of, padding, unfused
 from .modules import (
     ADAPTER_PREFIX,
     FusedLinear,
@@ -159,20 +159,28 @@ def _layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def fuse(model: nn.Module) -> nn.Module:
+def fuse(model: nn.Module, pad_to: int | None = None) -> nn.Module:
     """Switch to the fused inference form: one matmul per projection, concatenated norm gains.
 
     Idempotent. Each base weight is replaced by its concatenation, so memory grows
-    by the adapter block only (about r/d of the projections).
+    by the adapter block only (about r/d of the projections). With `pad_to`, the stream
+    is widened with zero channels to the next multiple of `pad_to` (`fusion.padding`), for
+    a GEMM kernel that runs such widths faster; the function is the same.
     """
     if is_fused(model):
         return model
+    if pad_to is not None:
+        positive_int("pad_to", pad_to)
+        if hasattr(model, "zflora_stack"):
+            raise ValueError("pad_to: a stack of adapters has its own layout; fuse a single adapter to pad it")
+    pad = padding(model.config.hidden_size, model.zflora_config.r, pad_to)
     for name, m in _layer_modules(model):
         if isinstance(m, ZFLoRARMSNorm):
-            gain = nn.Parameter(fused_gain(m.weight, m.r), requires_grad=False)  # [g ; 1], (d + r,)
-            _replace(model, name, FusedRMSNorm(gain, m.variance_epsilon, m.d, m.r))
+            gain = nn.Parameter(fused_gain(m.weight, m.r + pad), requires_grad=False)  # [g ; 1], (d + r + pad,)
+            _replace(model, name, FusedRMSNorm(gain, m.variance_epsilon, m.d, m.r + pad))
         elif isinstance(m, ZFLoRALinear):
-            _replace(model, name, FusedLinear(m))
+            _replace(model, name, FusedLinear(m, pad))
+    model.model.embed_tokens.pad = pad
     return model
 
 
@@ -184,10 +192,16 @@ def unfuse(model: nn.Module) -> nn.Module:
     for name, m in _layer_modules(model):
         if isinstance(m, FusedRMSNorm):
             gain = nn.Parameter(unfused(m.weight.detach(), m.r).clone(), requires_grad=False)
-            _replace(model, name, ZFLoRARMSNorm(gain, m.variance_epsilon, m.d, m.r))
+            _replace(model, name, ZFLoRARMSNorm(gain, m.variance_epsilon, m.d, model.zflora_config.r))
         elif isinstance(m, FusedLinear):
             _replace(model, name, m.to_unfused())
+    model.model.embed_tokens.pad = 0
     return model
+
+
+def fused_padding(model: nn.Module) -> int:
+    """The zero channels a fused model's stream carries after z (`fuse(model, pad_to=...)`); 0 if none."""
+    return getattr(model.model.embed_tokens, "pad", 0)
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -39,7 +39,7 @@ def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool
     else:
         prepare_model(model, method, r=cfg.rank, alpha=cfg.alpha)
         set_adapter(model, random_adapter(model, cfg.seed + 1))
-        fuse(model)
+        fuse(model, pad_to=cfg.pad_to)
     return inference_state(model)
 
 

@@ -99,6 +99,8 @@ class BenchConfig(Outputs, ModelShape):
     compile: bool = field(default=False, metadata={"help": "every method compiled (zflora.compile); compile time and "
                                                            "adapter swaps under compile"})  # fmt: skip
     freeze: bool = field(default=False, metadata={"help": "with --compile: inductor weight freezing (no swaps)"})
+    pad_to: int | None = field(default=None, metadata={"help": "fused zFLoRA: widen the stream with zero channels "
+                                                               "to a multiple of N (a faster GEMM width)"})  # fmt: skip
     proj_tokens: tuple[int, ...] = (1, 16, 128, 512, 2048)
     proj_ranks: tuple[int, ...] = (8, 16, 32, 64, 128)
     proj_repeats: int = 5
@@ -116,6 +118,10 @@ class BenchConfig(Outputs, ModelShape):
         onnx = self.engine == "onnxruntime"
         if onnx and (self.compile or self.full):
             raise ValueError("engine: onnxruntime runs the end-to-end comparison only (no --compile, no --full)")
+        if self.pad_to is not None:
+            positive("pad_to", self.pad_to)
+        if onnx and self.pad_to is not None:
+            raise ValueError("pad_to: an ONNX export is fused unpadded (see zflora.fuse)")
         if onnx and self.dtype not in ("auto", "fp32"):  # honoured or refused, never ignored
             raise ValueError(f"dtype: onnxruntime exports run in fp32 (int8 by --precisions), not {self.dtype}")
         if bad := [p for p in self.precisions if p not in ("fp32", "int8")] or not self.precisions:

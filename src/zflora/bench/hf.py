@@ -154,8 +154,9 @@ def check_targets(result: dict[str, Any], rank: int, d: int) -> list[dict[str, A
 def markdown(result: dict[str, Any]) -> str:
     env, st = result["environment"], result["settings"]
     layout = "" if st["interleaved_methods"] else " (methods measured one at a time: too big to fit together)"
+    pad = f" (zFLoRA's stream padded to a multiple of {st['pad_to']})" if st.get("pad_to") else ""
     lines = [f"**{st['model'] or st['preset']}** shape, {st['layers']} layers, d = {st['hidden_size']}, "
-             f"r = {st['rank']}, batch {st['batch']}; {describe_machine(env)}, peft {env['peft']}; "
+             f"r = {st['rank']}{pad}, batch {st['batch']}; {describe_machine(env)}, peft {env['peft']}; "
              f"median of {st['repeats']} repetitions after {st['warmup']} warm-up{layout}", ""]  # fmt: skip
     e2e = result["end_to_end"]
     keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in e2e))

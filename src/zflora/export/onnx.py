@@ -40,7 +40,7 @@ from ..files import apply_umask, atomic_write, read_json_object, remove_stale, w
 from ..fusion import Kind, adapter_block, adapter_tensor, base_block, block_of
 from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
-from ..transform import apply_zflora, fuse, is_zflora
+from ..transform import apply_zflora, fuse, fused_padding, is_zflora
 
 MANIFEST = "zflora_onnx.json"
 GRAPH, WEIGHTS, ADAPTER = "model.onnx", "model.onnx.data", "adapter.onnx.data"
@@ -166,6 +166,11 @@ def export(
         raise FileExistsError(f"{out}: exists and is not a zflora ONNX export; choose an empty or new directory")
     identity = base_identity(model)
     export_model, zf = model, is_zflora(model)
+    if zf and fused_padding(model):
+        raise ValueError(
+            "a padded fused model (fuse(model, pad_to=...)) cannot be exported: its adapter blocks "
+            "carry zero padding; unfuse it first (the export fuses it unpadded)"
+        )
     adapter_info: dict[str, Any] | None = None
     if zf:
         fuse(model)
