@@ -267,7 +267,10 @@ def test_train_refuses_an_output_that_holds_another_run(tmp_path):
     with pytest.raises(FileExistsError, match="holds another run .*--resume .*--overwrite"):
         claim_output(TrainConfig(**cfg))
     assert (out / "final").is_dir() and (out / "checkpoint-10").is_dir()
-    claim_output(TrainConfig(**cfg, resume=True))  # continuing it is fine and removes nothing
+    with pytest.raises(FileExistsError, match="finished .*nothing to resume"):  # it trained one more step
+        claim_output(TrainConfig(**cfg, resume=True))
+    (out / "train_log.json").unlink()  # an unfinished run: continuing it is fine and removes nothing
+    claim_output(TrainConfig(**cfg, resume=True))
     assert (out / "checkpoint-10").is_dir()
     claim_output(TrainConfig(**cfg, overwrite=True))
     assert not any(out.iterdir())

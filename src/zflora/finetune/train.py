@@ -239,6 +239,9 @@ def claim_output(cfg: TrainConfig) -> None:
     """Refuse an output directory that holds another run, unless resuming it or told to overwrite it (then
     its result and checkpoints go first, so the new run neither resumes from nor rotates the old ones)."""
     found = previous_run(cfg.output)
+    if cfg.resume and (cfg.output / "final").exists() and (cfg.output / "train_log.json").is_file():
+        raise FileExistsError(f"{cfg.output}: the run there finished (final/ and train_log.json); nothing to resume. "
+                              "Pass --overwrite to train it again, or another --output")  # fmt: skip
     if not found or cfg.resume:
         return
     if not cfg.overwrite:
