@@ -475,3 +475,17 @@ def test_an_older_three_tensor_fingerprint_still_loads(tmp_path, ids):
     meta["base_model"]["fingerprint"] = {k: fp[k] for k in ("embed_tokens", "layers.0.q_proj", "norm")}
     (path / "adapter_config.json").write_text(json.dumps(meta))
     zflora.load_adapter(tiny_model(tie=True), path)
+
+
+def test_a_built_config_keeps_its_shape_fields(ids):
+    """Mutating model.zflora_config.r broke the model; alpha stays settable and validated."""
+    model = adapted()
+    for name, value in (("r", 4), ("lm_head", True), ("expand_input", False), ("targets", "mha")):
+        with pytest.raises(AttributeError, match=f"ZFLoRAConfig.{name} is fixed"):
+            setattr(model.zflora_config, name, value)
+    with pytest.raises(ValueError, match="alpha"):
+        model.zflora_config.alpha = float("inf")
+    model.zflora_config.alpha = 8.0
+    assert model.zflora_config.scaling == 1.0
+    with torch.no_grad():
+        model(ids)

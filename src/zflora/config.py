@@ -130,6 +130,19 @@ class ZFLoRAConfig:
                 "lm_head is false, so nothing would ever read the adapter state"
             )
         self.target_modules = modules
+        object.__setattr__(self, "_built", True)
+
+    # Fields that fix the shapes of a model's adapter: changing one on a built config would leave every
+    # module disagreeing with it. alpha stays settable: loading an adapter with another alpha sets it here.
+    _SHAPE = frozenset({"r", "targets", "target_modules", "lm_head", "expand_input"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._SHAPE and getattr(self, "_built", False):
+            raise AttributeError(f"ZFLoRAConfig.{name} is fixed once built (it sets the adapter's shapes); make "
+                                 "another ZFLoRAConfig and apply it to a fresh base model")  # fmt: skip
+        if name == "alpha" and getattr(self, "_built", False):
+            value = check_alpha(value, self.r)
+        super().__setattr__(name, value)
 
     @property
     def scaling(self) -> float:
