@@ -68,6 +68,18 @@ def positive_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
 
 
+def positive_ints(cfg: Any, *names: str) -> None:
+    """`positive_int` on each named field of `cfg`."""
+    for name in names:
+        positive_int(name, getattr(cfg, name))
+
+
+def positive_finites(cfg: Any, *names: str) -> None:
+    """`positive_finite` on each named field of `cfg`."""
+    for name in names:
+        positive_finite(name, getattr(cfg, name))
+
+
 def default_alpha(r: int) -> float:
     """The one alpha rule, for the library and every command: alpha = 2 r (scaling s = 2) unless given."""
     return 2.0 * r

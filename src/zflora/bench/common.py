@@ -99,8 +99,9 @@ def empty_samples(cfg: BenchConfig) -> dict[Key, list[float]]:
     return {k: [] for k in keys}
 
 
-def measure_round(runner: Runner, timer: Timer, cfg: BenchConfig, out: dict[Key, list[float]]) -> None:
-    """One repetition of one method: each prompt length once, then `decode_steps` decode steps."""
+def measure_round(runner: Any, timer: Timer, cfg: BenchConfig, out: dict[Key, list[float]]) -> None:
+    """One repetition of one method: each prompt length once, then `decode_steps` decode steps. `runner` is a
+    `Runner` or any engine's runner with `prefill(n)`, `rewind()` and `decode_step()`."""
     for n in cfg.prompt_lens:
         out["prefill", n, cfg.batch].append(timer(lambda n=n: runner.prefill(n)))
     runner.rewind()

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BENCH_RANK, DTYPES, METHODS, SMALL_RANK, check_alpha, check_dtype
-from ..config import positive_int as positive
+from ..config import BENCH_RANK, DTYPES, METHODS, SMALL_RANK, check_alpha, check_dtype, positive_int
 from ..presets import PRESETS
 
 # `zflora bench`: every method it can run, and the headline comparison it runs by default.
@@ -27,14 +26,14 @@ def check_common(cfg: Any, methods: tuple[str, ...], integers: tuple[str, ...], 
     """Checks every benchmark config shares: positive integers (and non-empty lists of them), layers,
     warm-up, dtype, alpha, methods (base among them) and the preset name."""
     for name in integers:
-        positive(name, getattr(cfg, name))
+        positive_int(name, getattr(cfg, name))
     for name in lists:
         if not getattr(cfg, name):
             raise ValueError(f"{name}: must not be empty")
         for v in getattr(cfg, name):
-            positive(name, v)
+            positive_int(name, v)
     if cfg.layers is not None:
-        positive("layers", cfg.layers)
+        positive_int("layers", cfg.layers)
     if cfg.warmup < 0:
         raise ValueError(f"warmup: must be >= 0, got {cfg.warmup}")
     check_dtype("dtype", cfg.dtype)
@@ -119,7 +118,7 @@ class BenchConfig(Outputs, ModelShape):
         if onnx and (self.compile or self.full):
             raise ValueError("engine: onnxruntime runs the end-to-end comparison only (no --compile, no --full)")
         if self.pad_to is not None:
-            positive("pad_to", self.pad_to)
+            positive_int("pad_to", self.pad_to)
         if onnx and self.pad_to is not None:
             raise ValueError("pad_to: an ONNX export is fused unpadded (see zflora.fuse)")
         if onnx and self.dtype not in ("auto", "fp32"):  # honoured or refused, never ignored
@@ -137,7 +136,7 @@ class BenchConfig(Outputs, ModelShape):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if self.threads is not None:
-            positive("threads", self.threads)
+            positive_int("threads", self.threads)
 
 
 @dataclass
@@ -184,4 +183,4 @@ class MixedBenchConfig(Outputs, ModelShape):
         check_common(self, MIXED_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats"),
                      ("adapters", "prompt_lens"))  # fmt: skip
         if self.threads is not None:
-            positive("threads", self.threads)
+            positive_int("threads", self.threads)

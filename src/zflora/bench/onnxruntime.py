@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import check_alpha
 from ..hardware import describe_machine, environment
 from ..models import preset_config, random_model
-from .common import build_method, phase_label
+from .common import build_method, empty_samples, measure_round, phase_label
 from .config import BenchConfig
 from .harness import Timer, rotated
 from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
@@ -70,6 +70,9 @@ class OrtRunner:
 
     def decode_step(self) -> None:
         self.session.run(None, self.decode)
+
+    def rewind(self) -> None:
+        """Nothing to drop: every decode step runs on the same past (the feeds are fixed)."""
 
 
 def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dict[str, Path], list[dict]]:
@@ -122,7 +125,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             bar = tqdm(total=cfg.warmup + cfg.repeats, disable=not cfg.progress, desc=f"onnxruntime {precision}")
             for rep in range(cfg.warmup + cfg.repeats):
                 for m in rotated(list(cfg.methods), rep):
-                    _round(runners[m], timer, cfg, samples[m] if rep >= cfg.warmup else None)
+                    measure_round(runners[m], timer, cfg, samples[m] if rep >= cfg.warmup else empty_samples(cfg))
                 bar.update(1)
             bar.close()
             results += [r | {"precision": precision} for r in rows(samples)]
@@ -131,17 +134,6 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     result = {"environment": env, "settings": settings, "end_to_end": results, "model_mb": sizes, "swap": swaps}
     result["targets"] = check_targets(results, cfg.rank, settings["hidden_size"])
     return result
-
-
-def _round(runner: OrtRunner, timer: Timer, cfg: BenchConfig, out: dict | None) -> None:
-    for n in cfg.prompt_lens:
-        t = timer(lambda n=n: runner.prefill(n))
-        if out is not None:
-            out["prefill", n, cfg.batch].append(t)
-    for _ in range(cfg.decode_steps):
-        t = timer(runner.decode_step)
-        if out is not None:
-            out["decode", cfg.decode_context, cfg.batch].append(t)
 
 
 def _ort_version() -> str:

@@ -20,20 +20,12 @@ from ..config import (
     check_alpha,
     check_dtype,
     positive_finite,
+    positive_finites,
     positive_int,
+    positive_ints,
 )
 
 TRAIN_METHODS = tuple(m for m in METHODS if m != "base")
-
-
-def positive_ints(cfg: Any, *names: str) -> None:
-    for name in names:
-        positive_int(name, getattr(cfg, name))
-
-
-def finite_positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        positive_finite(name, getattr(cfg, name))
 
 
 @dataclass
@@ -75,7 +67,7 @@ class TrainConfig:
         check_dtype("dtype", self.dtype, TRAIN_DTYPES)
         positive_ints(self, "rank", "batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
         self.alpha = check_alpha(self.alpha, self.rank)
-        finite_positive(self, "lr", "epochs")
+        positive_finites(self, "lr", "epochs")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:  # transformers reads warmup_steps >= 1 as a count of steps
@@ -133,7 +125,7 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         positive_ints(self, "rank", "seeds", "steps", "batch_size", "n_train", "n_test", "max_length")
-        finite_positive(self, "lr", "fft_lr")
+        positive_finites(self, "lr", "fft_lr")
 
 
 CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
