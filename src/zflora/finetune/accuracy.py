@@ -42,7 +42,7 @@ from ..registry import home
 from .accuracy_report import chart, collect, markdown, sha256, verified
 from .cloze import to_cloze
 from .config import ADAPTER_METHODS, CATEGORIES, AccuracyConfig, TrainConfig
-from .data import Example, load_records, to_example, tokenize
+from .data import SUMMARY_INSTRUCTION, Example, format_prompt, load_records, to_example, tokenize
 from .evaluate import generate, task_name
 from .likelihood import score_clozes
 from .scoring import extract_label, references, rouge_scores, score_response, summary_references
@@ -73,8 +73,6 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
-    from .data import format_prompt
-
     return format_prompt(text)
 
 
@@ -90,8 +88,6 @@ def as_example(category: str, record: dict[str, Any], tokenizer: Any, where: str
 
 
 def summary_instruction(record: dict[str, Any]) -> str:
-    from .data import SUMMARY_INSTRUCTION
-
     return f"{SUMMARY_INSTRUCTION}\n\n{record['dialogue']}"
 
 
