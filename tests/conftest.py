@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -23,6 +25,7 @@ from transformers import (
 
 import zflora
 from zflora.adapter_io import WEIGHTS_NAME, AdapterError
+from zflora.models import cache_kwarg
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -125,3 +128,36 @@ def set_adapter_tensor(path, name, value, dtype=torch.float32):
     tensors, header = load_file(file), safetensors_header(file)
     tensors[name] = torch.full(tensors[name].shape, value, dtype=dtype)
     rewrite_weights(file.parent, tensors, header)
+
+
+# --------------------------------------------------------------------------- ONNX exports
+
+
+def zflora_model(base: torch.nn.Module, seed: int, alpha: float = 8.0, **kw) -> torch.nn.Module:
+    model = zflora.apply_zflora(copy.deepcopy(base), zflora.ZFLoRAConfig(r=4, alpha=alpha, **kw))
+    return zflora.fuse(zflora.set_adapter(model, zflora.random_adapter(model, seed, std=0.2)))
+
+
+def hf_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[np.ndarray]:
+    """Logits of the prompt, then of `steps` single-token steps through the KV cache (fixed tokens)."""
+    from transformers import DynamicCache
+
+    cache, out = {cache_kwarg(model): DynamicCache(config=model.config)}, []
+    with torch.no_grad():
+        out.append(model(ids, use_cache=True, **cache).logits.numpy())
+        for t in range(steps):
+            out.append(model(ids[:, t : t + 1], use_cache=True, **cache).logits.numpy())
+    return out
+
+
+def ort_steps(sess, manifest: dict, ids: np.ndarray, steps: int) -> list[np.ndarray]:
+    """The same through an ONNX Runtime session of an export."""
+    from zflora.export import onnx as zonnx
+
+    logits, *past = sess.run(None, zonnx.feeds(manifest, ids, None, 0))
+    out, past_len = [logits], ids.shape[1]
+    for t in range(steps):
+        logits, *past = sess.run(None, zonnx.feeds(manifest, ids[:, t : t + 1], past, past_len))
+        out.append(logits)
+        past_len += 1
+    return out

@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import hf_steps, ort_steps, tiny_model, zflora_model
 
 import zflora
 from zflora.adapter_io import AdapterError
 from zflora.files import current_umask
 from zflora.methods import randomize_lora
-from zflora.models import cache_kwarg, load_local_model
+from zflora.models import load_local_model
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -23,33 +23,6 @@ from zflora.cli import main  # noqa: E402 - after the skip
 from zflora.export import onnx as zonnx  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ONNX exports
-
-
-def zflora_model(base: torch.nn.Module, seed: int, alpha: float = 8.0, **kw) -> torch.nn.Module:
-    model = zflora.apply_zflora(copy.deepcopy(base), zflora.ZFLoRAConfig(r=4, alpha=alpha, **kw))
-    return zflora.fuse(zflora.set_adapter(model, zflora.random_adapter(model, seed, std=0.2)))
-
-
-def hf_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[np.ndarray]:
-    """Logits of the prompt, then of `steps` single-token steps through the KV cache (fixed tokens)."""
-    from transformers import DynamicCache
-
-    cache, out = {cache_kwarg(model): DynamicCache(config=model.config)}, []
-    with torch.no_grad():
-        out.append(model(ids, use_cache=True, **cache).logits.numpy())
-        for t in range(steps):
-            out.append(model(ids[:, t : t + 1], use_cache=True, **cache).logits.numpy())
-    return out
-
-
-def ort_steps(sess, manifest: dict, ids: np.ndarray, steps: int) -> list[np.ndarray]:
-    logits, *past = sess.run(None, zonnx.feeds(manifest, ids, None, 0))
-    out, past_len = [logits], ids.shape[1]
-    for t in range(steps):
-        logits, *past = sess.run(None, zonnx.feeds(manifest, ids[:, t : t + 1], past, past_len))
-        out.append(logits)
-        past_len += 1
-    return out
 
 
 def assert_same_logits(got: list[np.ndarray], want: list[np.ndarray]) -> None:

@@ -8,14 +8,18 @@ from .config import ExportConfig
 
 def main(cfg: ExportConfig) -> None:
     from . import onnx
+    from .quantize import Quantization
 
     if cfg.action == "swap":
         done = onnx.swap(cfg.output, cfg.adapter, cfg.check_base)
         print(f"{cfg.output}: adapter {cfg.adapter} swapped in: {done['bytes_written']:,} bytes written "
               f"({onnx.ADAPTER} only) in {done['seconds'] * 1e3:.1f} ms")  # fmt: skip
         return
+    quantization = Quantization.named(cfg.quantize, cfg.block_size, cfg.accuracy_level) if cfg.quantize else None
     model = _load(cfg)
-    out = onnx.export(model, cfg.output, source=str(cfg.adapter or ""), last_logits=cfg.last_logits)
+    out = onnx.export(
+        model, cfg.output, source=str(cfg.adapter or ""), last_logits=cfg.last_logits, quantization=quantization
+    )
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MB" for p in sorted(out.iterdir()))
     print(f"{out}: {onnx.read_manifest(out)['method']} exported ({sizes})")
 

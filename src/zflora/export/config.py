@@ -19,9 +19,18 @@ class ExportConfig:
                                                                  "adapter (unmerged export) directory"})  # fmt: skip
     check_base: bool = field(default=True, metadata={"help": "check the adapter's base fingerprint"})
     last_logits: bool = field(default=False, metadata={"help": "logits of the last position only (generation)"})
+    quantize: str | None = field(default=None, metadata={"choices": ("int8", "int4"),
+                                 "help": "onnx: projection weights as block-wise int8 / int4 (MatMulNBits), the "
+                                         "adapter's blocks quantized on their own, in adapter.onnx.data"})  # fmt: skip
+    block_size: int = field(default=32, metadata={"help": "quantization block along the reduction axis (a power "
+                                                          "of 2, >= 16, dividing the hidden size)"})  # fmt: skip
+    accuracy_level: int = field(default=4, metadata={"help": "MatMulNBits accuracy_level: 4 int8 activations "
+                                                             "(fast on CPU), 1 fp32 activations"})  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.action == "onnx" and self.model is None:
             raise ValueError("model: `zflora export onnx` needs --model DIR")
         if self.action == "swap" and self.adapter is None:
             raise ValueError("adapter: `zflora export swap` needs --adapter DIR")
+        if self.action == "swap" and self.quantize is not None:
+            raise ValueError("quantize: a swap keeps the export's own quantization; drop --quantize")

@@ -7,7 +7,7 @@ dynamic batch, sequence and past axes (a past of length 0 is the prefill).
 
     OUT/model.onnx           the graph (torch.onnx, dynamo exporter)
     OUT/model.onnx.data      the base weights (external data)
-    OUT/adapter.onnx.data    zFLoRA only: the adapter blocks, and nothing else
+    OUT/adapter.onnx.data    zFLoRA only: the adapter blocks (quantized: their packed weights and scales)
     OUT/zflora_onnx.json     what the graph is: names, shapes, the adapter's config, base identity,
                              each adapter initializer's source tensor, and the adapter file's sha256
 
@@ -17,6 +17,8 @@ weight when the session is created, so the session runs one matmul per
 projection, exactly as the fused model does. The adapter's bytes stay in their
 own file: `swap` rewrites that file only (atomically), or `session(..., adapter=DIR)`
 supplies another adapter's blocks at session creation without touching a file.
+With a quantization (`quantize.py`), each projection is one `MatMulNBits` instead, its base and adapter
+blocks quantized apart and joined the same way, so the same swap rewrites quantized adapter bytes only.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..fusion import Kind, adapter_block, adapter_tensor, base_block, block_of
 from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
 from ..transform import apply_zflora, fuse, fused_padding, is_zflora
+from .quantize import Quantization, adapter_parts, quantize_graph
 
 MANIFEST = "zflora_onnx.json"
 GRAPH, WEIGHTS, ADAPTER = "model.onnx", "model.onnx.data", "adapter.onnx.data"
@@ -131,18 +134,22 @@ def _export_graph(model: nn.Module, path: Path, last_logits: bool) -> None:
     program.save(str(path), external_data=True)
 
 
-def _relocate(tmp_graph: Path, out: Path, adapter_names: set[str]) -> dict[str, dict[str, Any]]:
-    """Rewrite the exported graph so the adapter initializers live in ADAPTER and the rest in WEIGHTS."""
+def _relocate(tmp_graph: Path, out: Path, adapter_names: set[str], quantization: Quantization | None
+              ) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Rewrite the exported graph so the adapter initializers live in ADAPTER and the rest in WEIGHTS;
+    with `quantization`, its projection weights quantized first (base and adapter blocks apart)."""
     import onnx
     from onnx.external_data_helper import set_external_data, write_external_data_tensors
 
     proto = onnx.load(str(tmp_graph), load_external_data=True)
+    quantized = quantize_graph(proto, adapter_names, quantization) if quantization else {}
     layout = {}
     for t in proto.graph.initializer:
         name = t.name.removeprefix("model.")  # the Decoder wrapper's attribute
-        set_external_data(t, location=ADAPTER if name in adapter_names else WEIGHTS)
-        if name in adapter_names:
-            layout[t.name] = {"parameter": name, "shape": list(t.dims)}
+        adapter = name in adapter_names or t.name in quantized
+        set_external_data(t, location=ADAPTER if adapter else WEIGHTS)
+        if adapter:
+            layout[t.name] = quantized.get(t.name, {"parameter": name}) | {"shape": list(t.dims)}
     found = {v["parameter"] for v in layout.values()}
     if missing := sorted(adapter_names - found):
         raise RuntimeError(f"adapter tensors missing from the exported graph: {missing[:3]}")
@@ -152,9 +159,17 @@ def _relocate(tmp_graph: Path, out: Path, adapter_names: set[str]) -> dict[str, 
 
 
 def export(
-    model: nn.Module, output: str | os.PathLike, method: str | None = None, source: str = "", last_logits: bool = False
+    model: nn.Module,
+    output: str | os.PathLike,
+    method: str | None = None,
+    source: str = "",
+    last_logits: bool = False,
+    quantization: Quantization | None = None,
 ) -> Path:
     """Export `model` (base, PEFT LoRA unmerged, or zFLoRA in either form) to directory `output`.
+
+    `quantization`: every projection weight as an int8 or int4 `MatMulNBits` weight (`quantize.py`), a
+    zFLoRA adapter's blocks quantized on their own and kept in ADAPTER (an fp32 model only).
 
     `logits` has every position, as optimum's decoders do; `last_logits` keeps the last only
     (what generation reads; the LM head then runs on one position, as `logits_to_keep=1`).
@@ -164,6 +179,12 @@ def export(
     out = Path(output)
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not a zflora ONNX export; choose an empty or new directory")
+    if quantization is not None and (dtype := next(model.parameters()).dtype) != torch.float32:
+        raise ValueError(f"quantization needs an fp32 model to quantize from; this one is {dtype}")
+    if quantization is not None and is_zflora(model) and model.config.hidden_size % quantization.block_size:
+        raise ValueError(f"block_size: {quantization.block_size} does not divide the hidden size "
+                         f"{model.config.hidden_size}, so s B's columns would share blocks with W's; choose one "
+                         f"that does")  # fmt: skip
     identity = base_identity(model)
     export_model, zf = model, is_zflora(model)
     if zf and fused_padding(model):
@@ -183,7 +204,9 @@ def export(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _export_graph(export_model, work / "raw" / GRAPH, last_logits)
-        layout = _relocate(work / "raw" / GRAPH, work, set(adapter_info["sources"]) if adapter_info else set())
+        layout = _relocate(
+            work / "raw" / GRAPH, work, set(adapter_info["sources"]) if adapter_info else set(), quantization
+        )
         shutil.rmtree(work / "raw")
         cfg = model.config
         manifest = {"format": 1, "method": method, "opset": OPSET, "base_model": identity,
@@ -192,6 +215,8 @@ def export(
                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                     "inputs": io_names(cfg.num_hidden_layers)[0], "outputs": io_names(cfg.num_hidden_layers)[1],
                     "config": cfg.to_dict()}  # fmt: skip
+        if quantization:
+            manifest["quantization"] = quantization.to_dict()
         if adapter_info:
             for entry in layout.values():
                 entry["source"] = adapter_info["sources"][entry["parameter"]]
@@ -248,14 +273,22 @@ def adapter_arrays(manifest: dict[str, Any], adapter_dir: str | os.PathLike, che
     check_fits(probe, adapter, check_base_weights=False)  # rank, targets, tensor names and shapes
     check_same_base(manifest["base_model"], adapter, check_base)
     cfg, dtype = adapter.config, getattr(torch, manifest["dtype"])
-    arrays = {}
+    quantization = Quantization.from_dict(manifest["quantization"]) if "quantization" in manifest else None
+    arrays, quantized = {}, {}
     for init, entry in info["initializers"].items():
         source, shape = entry["source"], tuple(entry["shape"])
         kind: Kind = "in" if source.endswith(adapter_tensor("in")) else "out"  # s B; A and A_in as they are
         block = adapter_block(kind, torch.empty(0, dtype=dtype), adapter.tensors[source], cfg.scaling, cfg.r)
-        if tuple(block.shape) != shape or not torch.isfinite(block).all():
-            raise AdapterError(f"{adapter_dir}: {source} does not give a finite {shape} block in {dtype}")
-        arrays[init] = block.contiguous().numpy()
+        if not torch.isfinite(block).all():
+            raise AdapterError(f"{adapter_dir}: {source} does not give a finite block in {dtype}")
+        if "part" in entry:  # a quantized export: the block's packed weight or its scales
+            if source not in quantized:
+                quantized[source] = adapter_parts(block.numpy(), quantization)
+            arrays[init] = quantized[source][entry["part"]]
+        else:
+            arrays[init] = block.contiguous().numpy()
+        if arrays[init].shape != shape:
+            raise AdapterError(f"{adapter_dir}: {source} gives a {arrays[init].shape} {init}, the export has {shape}")
     return arrays, cfg.to_dict()
 
 

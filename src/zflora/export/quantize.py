@@ -1,0 +1,226 @@
+"""Block-wise weight quantization of an exported graph (ONNX Runtime's `MatMulNBits`, int8 or int4), with
+each adapter block quantized on its own, so that a swap rewrites adapter bytes only.
+
+Every projection weight (the decoder's and the LM head's) becomes a `MatMulNBits` weight: blocks of
+`block_size` consecutive values along the reduction axis K, one scale per block and output channel,
+symmetric (no zero points), rounded to nearest by ONNX Runtime's own quantizer
+(`onnxruntime.quantization.matmul_nbits_quantizer`). A fused zFLoRA projection keeps its two parts apart:
+- an output projection `[W ; A]`: A's rows are extra output channels N, blocks of their own for any r;
+- an input projection `[W | s B]`: s B's columns extend K; with `d % block_size == 0` they fill blocks
+  of their own (the last one zero-padded when r is not a multiple of the block size, which is exactly
+  how `MatMulNBits` pads a K that is not a multiple of it).
+Base and adapter are quantized separately and joined by a `Concat` (axis 0 or 1 of the packed weight
+and of the scales), which ONNX Runtime folds into one constant weight at session creation. The packed
+result equals quantizing the fused weight at once, block for block; and a new adapter changes only its
+own blocks. Pure adapter weights (zFLoRA-MHA's embedding projection `A_in`) stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+QUANTIZATIONS = {"int8": 8, "int4": 4}
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits on CPU: int8 activations, the fast path (1 = fp32 compute)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the weights are quantized: `bits` 8 or 4, `block_size` along K (a power of 2, at least 16),
+    and `MatMulNBits`'s `accuracy_level` (the compute type of the activations: 1 fp32, 4 int8)."""
+
+    bits: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANTIZATIONS.values():
+            raise ValueError(f"bits: {self.bits}; choose 8 or 4")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: {self.block_size}; choose a power of 2, at least 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level: {self.accuracy_level}; choose 0 to 4 (MatMulNBits)")
+
+    @classmethod
+    def named(cls, name: str, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+              ) -> Quantization:  # fmt: skip
+        if name not in QUANTIZATIONS:
+            raise ValueError(f"quantize: {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        return cls(QUANTIZATIONS[name], block_size, accuracy_level)
+
+    def to_dict(self) -> dict[str, Any]:
+        name = next(k for k, v in QUANTIZATIONS.items() if v == self.bits)
+        return {"name": name, "bits": self.bits, "block_size": self.block_size, "symmetric": True,
+                "accuracy_level": self.accuracy_level, "operator": "com.microsoft.MatMulNBits",
+                "quantizer": "onnxruntime DefaultWeightOnlyQuantizer (round to nearest)"}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Quantization:
+        return cls(int(d["bits"]), int(d["block_size"]), int(d["accuracy_level"]))
+
+
+def block_quantize(weight_kn: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
+    """A (K, N) fp32 weight as `MatMulNBits` stores it: packed (N, ceil(K / block), block * bits / 8) uint8
+    and scales (N, ceil(K / block)) fp32, by ONNX Runtime's quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True, bits=q.bits)
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
+        np.ascontiguousarray(weight_kn, dtype=np.float32)
+    )
+    return packed, scales
+
+
+def adapter_parts(block: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
+    """An adapter block in PyTorch's (out, in) layout (`s B` or `A`), quantized as
+    its share of the fused projection's `MatMulNBits` weight: {"packed": ..., "scales": ...}."""
+    packed, scales = block_quantize(np.asarray(block, dtype=np.float32).T, q)  # either kind: its (K, N) view
+    return {"packed": packed, "scales": scales}
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The (K, N) fp32 weight that `MatMulNBits` computes with (symmetric: zero point 2^(bits-1))."""
+    n, blocks, _ = packed.shape
+    if bits == 8:
+        q = packed.astype(np.int16)
+    else:  # two values per byte, the low nibble first
+        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.int16)
+    w = (q - (1 << (bits - 1))).astype(np.float32) * scales[:, :, None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+# --------------------------------------------------------------------------- the graph pass
+
+
+def quantize_graph(proto: Any, adapter_names: set[str], q: Quantization, strip: str = "model.") -> dict[str, Any]:
+    """Replace every MatMul / Gemm with a constant weight in `proto` (loaded with its data) by a
+    `MatMulNBits`, in place. `adapter_names`: the adapter blocks' parameter names (initializer names
+    without `strip`). Returns, for each new adapter initializer, {"parameter", "part", "kind"}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    for o in graph.output:
+        consumers[o.name] = consumers.get(o.name, 0) + 1
+
+    def is_adapter(name: str) -> bool:
+        return name.removeprefix(strip) in adapter_names
+
+    new_nodes, added, dead, layout = [], [], set(), {}
+    for node in graph.node:
+        plan = _weight_of(node, inits, producer)
+        if plan is None or all(is_adapter(p) for p in plan["parts"]):
+            new_nodes.append(node)
+            continue
+        k, n = plan["k"], plan["n"]
+        parts, axis = plan["parts"], plan["axis"]
+        if len(parts) == 2 and axis == 1 and (kb := plan["k_base"]) % q.block_size:
+            raise ValueError(f"{node.name}: the base weight's K = {kb} is not a multiple of block_size "
+                             f"{q.block_size}, so the adapter's columns would share blocks with it; "
+                             f"choose a block size that divides {kb}")  # fmt: skip
+        packed_names, scale_names = [], []
+        for name, w in zip(parts, plan["weights_kn"], strict=True):
+            packed, scales = block_quantize(w, q)
+            pn, sn = f"{name}_Q{q.bits}", f"{name}_scales"
+            added += [numpy_helper.from_array(packed, pn), numpy_helper.from_array(scales, sn)]
+            packed_names.append(pn)
+            scale_names.append(sn)
+            if is_adapter(name):
+                kind = "in" if axis == 1 else "out"
+                layout[pn] = {"parameter": name.removeprefix(strip), "part": "packed", "kind": kind}
+                layout[sn] = {"parameter": name.removeprefix(strip), "part": "scales", "kind": kind}
+        if len(parts) == 2:
+            base = node.name or parts[0]
+            new_nodes += [helper.make_node("Concat", packed_names, [f"{base}_Q{q.bits}_joined"], axis=axis,
+                                           name=f"{base}_Q{q.bits}_join"),
+                          helper.make_node("Concat", scale_names, [f"{base}_scales_joined"], axis=axis,
+                                           name=f"{base}_scales_join")]  # fmt: skip
+            packed_names, scale_names = [f"{base}_Q{q.bits}_joined"], [f"{base}_scales_joined"]
+        attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size}
+        if q.accuracy_level:
+            attrs["accuracy_level"] = q.accuracy_level
+        new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], packed_names[0], scale_names[0]],
+                                          list(node.output), name=f"{node.name}_Q{q.bits}", domain="com.microsoft",
+                                          **attrs))  # fmt: skip
+        for i in node.input[1:]:
+            consumers[i] -= 1
+        dead.update(plan["nodes"])
+    # the Transpose / Concat nodes that fed a replaced weight, once nothing reads them (last first)
+    keep = []
+    for node in reversed(new_nodes):
+        if node.name in dead and all(consumers.get(o, 0) == 0 for o in node.output):
+            for i in node.input:
+                consumers[i] -= 1
+            continue
+        keep.append(node)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    remaining = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(remaining + added)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return layout
+
+
+def _weight_of(node: Any, inits: dict[str, Any], producer: dict[str, Any]) -> dict[str, Any] | None:
+    """The constant weight of a MatMul (through a Transpose, of an initializer or of a Concat of two) or of
+    a Gemm without bias: its parts' names, each part as (K, N) fp32, the Concat axis in (out, in) layout."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type == "Gemm":
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if len(node.input) > 2 or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0:
+            return None
+        name = node.input[1]
+        if name not in inits:
+            return None
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        w_kn = w.T if a.get("transB", 0) else w
+        return {"parts": [name], "weights_kn": [w_kn], "axis": None, "k": w_kn.shape[0], "n": w_kn.shape[1],
+                "k_base": w_kn.shape[0], "nodes": []}  # fmt: skip
+    if node.op_type != "MatMul":
+        return None
+    src, chain = node.input[1], []
+    transposed = False
+    if src in producer and producer[src].op_type == "Transpose":
+        t = producer[src]
+        perm = [list(x.ints) for x in t.attribute if x.name == "perm"]
+        if perm and perm[0] != [1, 0]:
+            return None
+        transposed, chain, src = True, [t.name], t.input[0]
+    if src in inits:
+        w = numpy_helper.to_array(inits[src]).astype(np.float32)
+        if w.ndim != 2:
+            return None
+        w_kn = w.T if transposed else w
+        return {"parts": [src], "weights_kn": [w_kn], "axis": None, "k": w_kn.shape[0], "n": w_kn.shape[1],
+                "k_base": w_kn.shape[0], "nodes": chain}  # fmt: skip
+    if not transposed or src not in producer or producer[src].op_type != "Concat":
+        return None
+    cat = producer[src]
+    if len(cat.input) != 2 or not all(i in inits for i in cat.input):
+        return None
+    axis = next(helper.get_attribute_value(x) for x in cat.attribute if x.name == "axis")
+    base, block = (numpy_helper.to_array(inits[i]).astype(np.float32) for i in cat.input)
+    if base.ndim != 2 or block.ndim != 2:
+        return None
+    axis = axis % 2  # (out, in) layout: 1 extends K (input projection), 0 extends N (output projection)
+    k = base.shape[1] + (block.shape[1] if axis == 1 else 0)
+    n = base.shape[0] + (block.shape[0] if axis == 0 else 0)
+    return {"parts": list(cat.input), "weights_kn": [base.T, block.T], "axis": axis, "k": k, "n": n,
+            "k_base": base.shape[1], "nodes": [*chain, cat.name]}  # fmt: skip
