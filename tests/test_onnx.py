@@ -121,17 +121,21 @@ def test_greedy_generation_on_stories260k(stories_path, tmp_path) -> None:
 
 
 def test_onnxruntime_bench_smoke(tmp_path) -> None:
-
     out = tmp_path / "ort.json"
     main(["bench", "--engine", "onnxruntime", "--preset", "tiny", "--rank", "8", "--prompt-lens", "8",
           "--decode-context", "12", "--decode-steps", "2", "--repeats", "1", "--no-progress", "--methods",
-          "base,zflora", "--json", str(out)])  # fmt: skip
+          "base,zflora", "--precisions", "fp32,int4,int8-dynamic", "--json", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
+    precisions = ("fp32", "int4", "int8-dynamic")
     assert {(r["precision"], r["method"]) for r in result["end_to_end"]} == {
-        (p, m) for p in ("fp32", "int8") for m in ("base", "zflora")
+        (p, m) for p in precisions for m in ("base", "zflora")
     }
     assert all(r["median_ms"] > 0 and r["ratio_to_base"] > 0 for r in result["end_to_end"])
-    assert len(result["targets"]) == 4 and result["settings"]["logits"] == "last position"
+    assert len(result["targets"]) == 6 and result["settings"]["logits"] == "last position"
+    swaps = {(r["precision"], r["operation"]): r for r in result["swap"]}
+    assert {p for p, _ in swaps} == {"fp32", "int4"}  # a dynamic int8 export folds the adapter in: no swap
+    swap, rebuild = swaps["int4", "zflora export swap (adapter.onnx.data only)"], swaps["int4", "full re-quantization"]
+    assert 0 < swap["bytes_written"] < rebuild["bytes_written"]
 
 
 def test_export_cli(tmp_path, stories_path, capsys) -> None:

@@ -78,6 +78,10 @@ def test_quantized_swap_writes_adapter_bytes_only_and_equals_a_fresh_export(tmp_
     first, second = zflora_model(base, seed=1), zflora_model(base, seed=7, alpha=3.0)
     out = zonnx.export(copy.deepcopy(first), tmp_path / "swapped", quantization=q)
     fresh = zonnx.export(copy.deepcopy(second), tmp_path / "fresh", quantization=q)
+    fp32 = zonnx.export(copy.deepcopy(second), tmp_path / "fp32")
+    again = zonnx.quantize_export(fp32, tmp_path / "from-fp32", q)  # quantizing an export = exporting quantized
+    for name in (zonnx.GRAPH, zonnx.WEIGHTS, zonnx.ADAPTER):
+        assert (again / name).read_bytes() == (fresh / name).read_bytes(), name
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     done = zonnx.swap(out, zflora.save_adapter(second, tmp_path / "second"))
     after = {p.name: p.read_bytes() for p in out.iterdir()}

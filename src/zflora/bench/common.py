@@ -11,11 +11,23 @@ from torch import nn
 
 from ..adapter_io import set_adapter
 from ..methods import prepare_model, random_adapter, randomize_lora
-from ..models import cache_kwarg
+from ..models import cache_kwarg, load_local_model, preset_config, random_model
 from ..transform import fuse
 from .config import BenchConfig
 from .harness import Timer
 from .report import Key
+
+
+def base_model(cfg: BenchConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The model a benchmark measures: the preset's shape with random weights, or the checkpoint `cfg.model`,
+    cut to `cfg.layers` layers when asked."""
+    if cfg.model is None:
+        return random_model(preset_config(cfg.preset, cfg.layers), dtype, device, cfg.seed)
+    model = load_local_model(cfg.model, dtype).to(device)
+    if cfg.layers is not None:
+        del model.model.layers[cfg.layers :]
+        model.config.num_hidden_layers = len(model.model.layers)
+    return model
 
 
 def build_method(base: nn.Module, method: str, cfg: BenchConfig, keep_base: bool) -> nn.Module:

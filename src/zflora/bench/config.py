@@ -13,7 +13,8 @@ from ..presets import PRESETS
 E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha")
 HEADLINE_METHODS = ("base", "lora", "zflora")
 COMPILE_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --compile`
-ONNX_METHODS = ("base", "lora", "zflora", "zflora-mha")  # `zflora bench --engine onnxruntime`
+ONNX_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --engine onnxruntime`
+ONNX_PRECISIONS = ("fp32", "int8", "int4", "int8-dynamic")
 ENGINES = ("transformers", "onnxruntime")
 # `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
 SERVE_METHODS = ("base", "lora", "zflora")
@@ -93,8 +94,10 @@ class BenchConfig(Outputs, ModelShape):
         },
     )
     precisions: tuple[str, ...] = field(
-        default=("fp32", "int8"), metadata={"help": "onnxruntime: fp32 and/or int8 (dynamic quantization)"}
-    )
+        default=("fp32", "int8", "int4"),
+        metadata={"help": "onnxruntime: fp32, int8 / int4 (block-wise MatMulNBits, adapter-only swaps), "
+                          "int8-dynamic (quantize_dynamic)"},
+    )  # fmt: skip
     compile: bool = field(default=False, metadata={"help": "every method compiled (zflora.compile); compile time and "
                                                            "adapter swaps under compile"})  # fmt: skip
     freeze: bool = field(default=False, metadata={"help": "with --compile: inductor weight freezing (no swaps)"})
@@ -123,8 +126,8 @@ class BenchConfig(Outputs, ModelShape):
             raise ValueError("pad_to: an ONNX export is fused unpadded (see zflora.fuse)")
         if onnx and self.dtype not in ("auto", "fp32"):  # honoured or refused, never ignored
             raise ValueError(f"dtype: onnxruntime exports run in fp32 (int8 by --precisions), not {self.dtype}")
-        if bad := [p for p in self.precisions if p not in ("fp32", "int8")] or not self.precisions:
-            raise ValueError(f"precisions: fp32 and/or int8, got {bad or 'none'}")
+        if bad := [p for p in self.precisions if p not in ONNX_PRECISIONS] or not self.precisions:
+            raise ValueError(f"precisions: from {', '.join(ONNX_PRECISIONS)}, got {bad or 'none'}")
         if onnx and (bad := [m for m in self.methods if m not in ONNX_METHODS]):
             raise ValueError(f"methods: onnxruntime runs {', '.join(ONNX_METHODS)}; got {bad}")
         default = ONNX_METHODS if onnx else COMPILE_METHODS if self.compile else HEADLINE_METHODS

@@ -24,10 +24,10 @@ from tqdm import tqdm
 from ..charts import figure, save_figure
 from ..config import check_alpha
 from ..hardware import auto_dtype, describe_machine, environment
-from ..models import load_local_model, preset_config, random_model, torch_dtype
+from ..models import torch_dtype
 from ..transform import adapter_parameters
 from . import compiled, projection, switch
-from .common import Runner, build_method, empty_samples, measure_round, phase_label
+from .common import Runner, base_model, build_method, empty_samples, measure_round, phase_label
 from .config import BenchConfig
 from .harness import Timer, available_bytes, model_bytes, pick_device, rotated
 from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
@@ -54,14 +54,7 @@ class Study:
         self.compiled: dict[str, dict[str, Any]] = {}
 
     def make_base(self) -> nn.Module:
-        cfg = self.cfg
-        if cfg.model is None:
-            return random_model(preset_config(cfg.preset, cfg.layers), self.dtype, self.device, cfg.seed)
-        model = load_local_model(cfg.model, self.dtype).to(self.device)
-        if cfg.layers is not None:
-            del model.model.layers[cfg.layers :]
-            model.config.num_hidden_layers = len(model.model.layers)
-        return model
+        return base_model(self.cfg, self.dtype, self.device)
 
     def fits_together(self, base: nn.Module) -> bool:
         own_copies = sum(m in ("lora-merged", "zflora", "zflora-mha") for m in self.cfg.methods)

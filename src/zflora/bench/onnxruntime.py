@@ -1,13 +1,16 @@
-"""`zflora bench --engine onnxruntime`: base vs unmerged LoRA vs fused zFLoRA exported to ONNX and run in
-ONNX Runtime (CPU execution provider), in fp32 and with ONNX Runtime's dynamic int8 quantization.
+"""`zflora bench --engine onnxruntime`: base vs LoRA (unmerged and merged) vs fused zFLoRA exported to ONNX
+and run in ONNX Runtime (CPU execution provider), in fp32 and quantized.
 
-Each method is exported with `zflora.export.onnx` (the same graph signature for all;
-logits of the last position only, as `zflora bench` reads them),
-then, for int8, folded (`quant_pre_process`) and quantized (`quantize_dynamic`, int8
-MatMul weights: the precision NPUs run). Prefill is the prompt with an empty past;
-decode is one token after
-`decode_context` cached tokens (the same past every step). Methods in rotating order
-within each repetition; ratios to base of the same precision, from one run.
+Each method is exported with `zflora.export.onnx` (the same graph signature for all; logits of the last
+position only, as `zflora bench` reads them), on a preset's shape with random weights or on a real
+checkpoint (`--model`). Precisions:
+- `int8`, `int4`: `zflora.export.onnx.quantize_export`, block-wise `MatMulNBits` weights, a zFLoRA
+  adapter's blocks quantized on their own (what `zflora export onnx --quantize` writes);
+- `int8-dynamic`: ONNX Runtime's `quantize_dynamic` after folding (`quant_pre_process`), per-tensor int8
+  MatMul weights with int8 activations, the adapter folded into each weight (no swap possible).
+Prefill is the prompt with an empty past; decode is one token after `decode_context` cached tokens (the
+same past every step). Methods in rotating order within each repetition; ratios to base of the same
+precision, from one run. The adapter swap is timed in each precision against rebuilding the export.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from tqdm import tqdm
 
 from ..config import check_alpha
 from ..hardware import describe_machine, environment
-from ..models import preset_config, random_model
-from .common import build_method, empty_samples, measure_round, phase_label
+from .common import base_model, build_method, empty_samples, measure_round, phase_label
 from .config import BenchConfig
 from .harness import Timer, rotated
 from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
@@ -75,28 +77,48 @@ class OrtRunner:
         """Nothing to drop: every decode step runs on the same past (the feeds are fixed)."""
 
 
-def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dict[str, Path], list[dict]]:
-    """Every method exported; for zflora, a swap to another adapter timed against its full export."""
+def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dict[str, Path], Path]:
+    """Every method exported in fp32, and another adapter saved for the swaps."""
     from ..adapter_io import save_adapter, set_adapter
-    from ..export.onnx import ADAPTER, export, swap
+    from ..export.onnx import export
     from ..methods import random_adapter
 
-    paths, swaps = {}, []
+    paths, other = {}, root / "other-adapter"
     for m in cfg.methods:
         model = build_method(base, m, cfg, keep_base=True)
         started = time.perf_counter()
         paths[m] = export(model, root / m, method=m, last_logits=True)
-        export_s = time.perf_counter() - started
         if m == "zflora":
-            other = save_adapter(set_adapter(model, random_adapter(model, cfg.seed + 9)), root / "other-adapter")
-            done = swap(paths[m], other)
-            total = sum(f.stat().st_size for f in paths[m].iterdir())
-            swaps += [{"operation": "zflora export swap (adapter.onnx.data only)", **done},
-                      {"operation": "full re-export", "bytes_written": total, "seconds": export_s},
-                      {"operation": "adapter file / whole export", "bytes_written": (paths[m] / ADAPTER).stat().st_size,
-                       "fraction": (paths[m] / ADAPTER).stat().st_size / total}]  # fmt: skip
+            paths["export_s"] = time.perf_counter() - started
+            save_adapter(set_adapter(model, random_adapter(model, cfg.seed + 9)), other)
         del model
-    return paths, swaps
+    return paths, other
+
+
+def quantized(precision: str, fp32: Path, dst: Path) -> tuple[Path, float]:
+    """The fp32 export at `fp32` in `precision`, and the seconds that took."""
+    from ..export.onnx import quantize_export
+    from ..export.quantize import Quantization
+
+    started = time.perf_counter()
+    if precision == "int8-dynamic":
+        quantize(fp32, dst)
+    else:
+        quantize_export(fp32, dst, Quantization.named(precision))
+    return dst, time.perf_counter() - started
+
+
+def swap_rows(precision: str, path: Path, other: Path, rebuild_s: float, rebuild: str) -> list[dict[str, Any]]:
+    """An adapter swap in an export against rebuilding it: bytes written and seconds."""
+    from ..export.onnx import ADAPTER, swap
+
+    done = swap(path, other)
+    total = sum(f.stat().st_size for f in path.iterdir())
+    return [{"precision": precision, "operation": f"zflora export swap ({ADAPTER} only)", **done},
+            {"precision": precision, "operation": rebuild, "bytes_written": total, "seconds": rebuild_s},
+            {"precision": precision, "operation": "adapter file / whole export",
+             "bytes_written": (path / ADAPTER).stat().st_size,
+             "fraction": (path / ADAPTER).stat().st_size / total}]  # fmt: skip
 
 
 @torch.no_grad()
@@ -104,18 +126,23 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     from ..export.onnx import read_manifest
 
     threads = cfg.threads or torch.get_num_threads()
-    base = random_model(preset_config(cfg.preset, cfg.layers), torch.float32, "cpu", cfg.seed)
+    base = base_model(cfg, torch.float32, "cpu")
     settings = asdict(cfg) | {"dtype": "fp32", "layers": base.config.num_hidden_layers, "engine": "onnxruntime",
                               "hidden_size": base.config.hidden_size, "alpha": check_alpha(cfg.alpha, cfg.rank),
-                              "logits": "last position"}  # fmt: skip
-    timer, results, sizes = Timer(torch.device("cpu")), [], {}
+                              "logits": "last position", "model": str(cfg.model) if cfg.model else None}  # fmt: skip
+    timer, results, swaps = Timer(torch.device("cpu")), [], []
     with tempfile.TemporaryDirectory(prefix="zflora-onnx-") as tmp:
-        exported, swaps = export_all(cfg, base, Path(tmp))
+        exported, other = export_all(cfg, base, Path(tmp))
+        export_s = exported.pop("export_s", None)
         paths = {("fp32", m): p for m, p in exported.items()}
         del base
-        for m in cfg.methods:
-            if "int8" in cfg.precisions:
-                paths["int8", m] = quantize(paths["fp32", m], Path(tmp) / f"{m}-int8")
+        if export_s is not None and "fp32" in cfg.precisions:
+            swaps += swap_rows("fp32", paths["fp32", "zflora"], other, export_s, "full re-export")
+        for precision in (p for p in cfg.precisions if p != "fp32"):
+            for m in cfg.methods:
+                paths[precision, m], seconds = quantized(precision, paths["fp32", m], Path(tmp) / f"{m}-{precision}")
+                if m == "zflora" and precision != "int8-dynamic":
+                    swaps += swap_rows(precision, paths[precision, m], other, seconds, "full re-quantization")
         sizes = {f"{p}/{m}": sum(f.stat().st_size for f in path.iterdir()) / 2**20 for (p, m), path in paths.items()}
         for precision in cfg.precisions:
             manifest = read_manifest(paths["fp32", cfg.methods[0]])
@@ -154,7 +181,8 @@ def check_targets(result_rows: list[dict[str, Any]], rank: int, d: int) -> list[
 
 def markdown(result: dict[str, Any]) -> str:
     env, st, res = result["environment"], result["settings"], result["end_to_end"]
-    lines = [f"**{st['preset']}** shape in ONNX Runtime {env['onnxruntime']} (CPU execution provider), "
+    shape = f"**{Path(st['model']).name}** (real weights)" if st.get("model") else f"**{st['preset']}** shape"
+    lines = [f"{shape} in ONNX Runtime {env['onnxruntime']} (CPU execution provider), "
              f"{st['layers']} layers, d = {st['hidden_size']}, r = {st['rank']}, batch {st['batch']}; "
              f"{describe_machine(env)}; median of {st['repeats']} repetitions after {st['warmup']} warm-up",
              ""]  # fmt: skip
@@ -167,13 +195,14 @@ def markdown(result: dict[str, Any]) -> str:
             for prec in st["precisions"] for m in st["methods"]]  # fmt: skip
     swap = [
         [
+            r["precision"],
             r["operation"],
             f"{r['bytes_written'] / 2**20:.2f} MB",
             f"{r['seconds']:.2f} s" if "seconds" in r else f"{100 * r['fraction']:.2f}%",
         ]
         for r in result["swap"]
     ]
-    swap_lines = ["", *md_table(["adapter swap", "written", "time"], swap)] if swap else []
+    swap_lines = ["", *md_table(["precision", "adapter swap", "written", "time"], swap)] if swap else []
     return "\n".join(lines + md_table(head, body) + swap_lines + targets_table(result["targets"])) + "\n"
 
 
@@ -184,7 +213,9 @@ def chart(result: dict[str, Any], path: Any) -> None:
     fig, axes = figure(len(precisions), 6 * len(precisions))
     for ax, prec in zip(axes, precisions, strict=True):
         bar_chart(ax, [r for r in result["end_to_end"] if r["precision"] == prec], phase_label)
-        ax.set_title(f"ONNX Runtime {prec}, {result['settings']['preset']} ({result['settings']['layers']} layers)")
+        st = result["settings"]
+        name = Path(st["model"]).name if st.get("model") else st["preset"]
+        ax.set_title(f"ONNX Runtime {prec}, {name} ({st['layers']} layers)")
     fig.suptitle(describe_machine(result["environment"]), fontsize=8)
     save_figure(fig, path)
 

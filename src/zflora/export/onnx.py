@@ -23,12 +23,14 @@ blocks quantized apart and joined the same way, so the same swap rewrites quanti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +136,14 @@ def _export_graph(model: nn.Module, path: Path, last_logits: bool) -> None:
     program.save(str(path), external_data=True)
 
 
-def _relocate(tmp_graph: Path, out: Path, adapter_names: set[str], quantization: Quantization | None
+def _relocate(proto: Any, out: Path, adapter_names: set[str], quantization: Quantization | None
               ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Rewrite the exported graph so the adapter initializers live in ADAPTER and the rest in WEIGHTS;
-    with `quantization`, its projection weights quantized first (base and adapter blocks apart)."""
+    """Write graph `proto` (loaded with its data) to `out`, the adapter initializers in ADAPTER and the
+    rest in WEIGHTS; with `quantization`, its projection weights quantized first (base and adapter apart).
+    Returns the adapter initializers' layout: parameter, shape (and, quantized, part and kind)."""
     import onnx
     from onnx.external_data_helper import set_external_data, write_external_data_tensors
 
-    proto = onnx.load(str(tmp_graph), load_external_data=True)
     quantized = quantize_graph(proto, adapter_names, quantization) if quantization else {}
     layout = {}
     for t in proto.graph.initializer:
@@ -156,6 +158,43 @@ def _relocate(tmp_graph: Path, out: Path, adapter_names: set[str], quantization:
     write_external_data_tensors(proto, str(out))  # appends each tensor to its file, records offset and length
     onnx.save_model(proto, str(out / GRAPH))
     return layout
+
+
+def _check_output(output: str | os.PathLike) -> Path:
+    out = Path(output)
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not a zflora ONNX export; choose an empty or new directory")
+    return out
+
+
+@contextlib.contextmanager
+def _building(output: str | os.PathLike) -> Iterator[Path]:
+    """A directory built beside `output` and renamed into place at the end: a failed build leaves nothing."""
+    out = _check_output(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(p for p in out.parent.glob(f".{out.name}.*") if p.is_dir())  # of exports that were killed
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield work
+        apply_umask(work)  # mkdtemp's directory is private; an export is readable like any other files
+        _replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_quantizable(quantization: Quantization, dtype: str, hidden_size: int, adapted: bool) -> None:
+    if dtype != "float32":
+        raise ValueError(f"quantization needs an fp32 model to quantize from; this one is {dtype}")
+    if adapted and hidden_size % quantization.block_size:
+        raise ValueError(f"block_size: {quantization.block_size} does not divide the hidden size {hidden_size}, "
+                         f"so s B's columns would share blocks with W's; choose one that does")  # fmt: skip
+
+
+def _adapter_manifest(layout: dict[str, dict[str, Any]], sources: dict[str, str], config: dict[str, Any],
+                      source: str, work: Path) -> dict[str, Any]:  # fmt: skip
+    for entry in layout.values():
+        entry["source"] = sources[entry["parameter"]]
+    return {"config": config, "initializers": layout, "source": source, "sha256": _sha256(work / ADAPTER)}
 
 
 def export(
@@ -176,59 +215,63 @@ def export(
     The directory is built beside `output` and renamed into place: a failed export leaves nothing.
     A zFLoRA model is fused first (in place).
     """
-    out = Path(output)
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not a zflora ONNX export; choose an empty or new directory")
-    if quantization is not None and (dtype := next(model.parameters()).dtype) != torch.float32:
-        raise ValueError(f"quantization needs an fp32 model to quantize from; this one is {dtype}")
-    if quantization is not None and is_zflora(model) and model.config.hidden_size % quantization.block_size:
-        raise ValueError(f"block_size: {quantization.block_size} does not divide the hidden size "
-                         f"{model.config.hidden_size}, so s B's columns would share blocks with W's; choose one "
-                         f"that does")  # fmt: skip
-    identity = base_identity(model)
-    export_model, zf = model, is_zflora(model)
+    import onnx
+
+    _check_output(output)
+    zf, dtype = is_zflora(model), str(next(model.parameters()).dtype).removeprefix("torch.")
+    if quantization is not None:
+        _check_quantizable(quantization, dtype, model.config.hidden_size, zf)
     if zf and fused_padding(model):
         raise ValueError(
             "a padded fused model (fuse(model, pad_to=...)) cannot be exported: its adapter blocks "
             "carry zero padding; unfuse it first (the export fuses it unpadded)"
         )
-    adapter_info: dict[str, Any] | None = None
+    identity, export_model, adapter_info = base_identity(model), model, None
     if zf:
         fuse(model)
         export_model = copy.deepcopy(model)
-        sources = split_adapter_blocks(export_model)
-        adapter_info = {"config": model.zflora_config.to_dict(), "sources": sources}
+        adapter_info = {"config": model.zflora_config.to_dict(), "sources": split_adapter_blocks(export_model)}
     method = method or ("zflora" if zf else "lora" if hasattr(model, "peft_config") else "base")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(p for p in out.parent.glob(f".{out.name}.*") if p.is_dir())  # of exports that were killed
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _building(output) as work:
         _export_graph(export_model, work / "raw" / GRAPH, last_logits)
-        layout = _relocate(
-            work / "raw" / GRAPH, work, set(adapter_info["sources"]) if adapter_info else set(), quantization
-        )
+        proto = onnx.load(str(work / "raw" / GRAPH), load_external_data=True)
+        layout = _relocate(proto, work, set(adapter_info["sources"]) if adapter_info else set(), quantization)
         shutil.rmtree(work / "raw")
         cfg = model.config
         manifest = {"format": 1, "method": method, "opset": OPSET, "base_model": identity,
                     "num_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
                     "head_dim": head_dim(cfg), "vocab_size": cfg.vocab_size, "logits": "last" if last_logits else "all",
-                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                    "inputs": io_names(cfg.num_hidden_layers)[0], "outputs": io_names(cfg.num_hidden_layers)[1],
-                    "config": cfg.to_dict()}  # fmt: skip
+                    "dtype": dtype, "inputs": io_names(cfg.num_hidden_layers)[0],
+                    "outputs": io_names(cfg.num_hidden_layers)[1], "config": cfg.to_dict()}  # fmt: skip
         if quantization:
             manifest["quantization"] = quantization.to_dict()
         if adapter_info:
-            for entry in layout.values():
-                entry["source"] = adapter_info["sources"][entry["parameter"]]
-            manifest["adapter"] = {"config": adapter_info["config"], "initializers": layout,
-                                   "source": source,
-                                   "sha256": _sha256(work / ADAPTER)}  # fmt: skip
+            manifest["adapter"] = _adapter_manifest(layout, adapter_info["sources"], adapter_info["config"], source,
+                                                    work)  # fmt: skip
         write_json(work / MANIFEST, manifest, indent=2)
-        apply_umask(work)  # mkdtemp's directory is private; an export is readable like any other files
-        _replace_dir(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+    return Path(output)
+
+
+def quantize_export(source: str | os.PathLike, output: str | os.PathLike, quantization: Quantization) -> Path:
+    """An fp32 export at `source` quantized into a new export at `output` (`source` is left as it is): what
+    `export(..., quantization=...)` gives, without exporting the model again."""
+    import onnx
+
+    _check_output(output)
+    manifest = read_manifest(source)
+    if "quantization" in manifest:
+        raise ValueError(f"{source}: already quantized ({manifest['quantization']['name']}); quantize an fp32 export")
+    info = manifest.get("adapter")
+    _check_quantizable(quantization, manifest["dtype"], manifest["config"]["hidden_size"], info is not None)
+    sources = {e["parameter"]: e["source"] for e in info["initializers"].values()} if info else {}
+    with _building(output) as work:
+        proto = onnx.load(str(Path(source) / GRAPH), load_external_data=True)
+        layout = _relocate(proto, work, set(sources), quantization)
+        manifest["quantization"] = quantization.to_dict()
+        if info:
+            manifest["adapter"] = _adapter_manifest(layout, sources, info["config"], info["source"], work)
+        write_json(work / MANIFEST, manifest, indent=2)
+    return Path(output)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
