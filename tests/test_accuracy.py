@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import SHARED
 
-from zflora.finetune import accuracy
+from zflora.finetune import accuracy, quantized
 from zflora.finetune.accuracy_report import collect, sha256
 from zflora.finetune.cloze import parse, to_cloze
-from zflora.finetune.config import AccuracyConfig
+from zflora.finetune.config import AccuracyConfig, QuantizedAccuracyConfig
 from zflora.finetune.data import DataError, load_records
 from zflora.finetune.likelihood import encode_pair, loglikelihoods, score_clozes
 from zflora.finetune.stats import paired_bootstrap
@@ -171,6 +171,32 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     assert not (cfg.output / "runs").exists() and json.loads((cfg.output / "study.json").read_text())["settings"][
         "steps"
     ] == [3, 1, 1]
+
+
+@needs_data
+def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories_path, tmp_path, monkeypatch):
+    accuracy.run(quick(stories_path, tmp_path, categories=("math",), seeds=1, report=None))
+    cfg = QuantizedAccuracyConfig(study=tmp_path / "study", category="math", precisions=("int4",), block_size=16,
+                                  data=DATA, work=tmp_path / "work", output=tmp_path / "quantized",
+                                  eval_batch_size=8)  # fmt: skip
+    out = quantized.run(cfg)
+    rows = {(r["precision"], r["method"]): r for r in out["rows"]}
+    assert set(rows) == {(p, m) for p in ("fp32", "int4") for m in ("base", "lora", "zflora")}
+    assert rows["fp32", "zflora"]["source"] == str(tmp_path / "study" / "runs" / "zflora-r16-s0" / "math")
+    for m in ("lora", "zflora"):
+        gain = rows["int4", m]["score"] - rows["int4", "base"]["score"]
+        assert rows["int4", m]["gain"] == pytest.approx(gain)
+    q = json.loads((tmp_path / "quantized" / "math" / "int4-zflora-s0" / "result.json").read_text())
+    assert q["quantization"]["bits"] == 4 and q["adapter"].endswith("checkpoint-1")
+    assert "| int4 | zFLoRA, blocks apart |" in (tmp_path / "quantized" / "math.md").read_text()
+    # Finished rows are read back, never evaluated again; without the adapters, the command says where they were.
+    monkeypatch.setattr(quantized, "evaluate_category", lambda *a, **k: pytest.fail("a finished row was re-run"))
+    assert quantized.run(cfg)["rows"] == out["rows"]
+    shutil.rmtree(tmp_path / "work")
+    with pytest.raises(FileNotFoundError, match="pass --lora-adapter DIR"):
+        quantized.run(cfg)
+    with pytest.raises(ValueError, match="precisions: from int8, int4, got \\['int3'\\]"):
+        QuantizedAccuracyConfig(precisions=("int3",))
 
 
 def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""Quantized ONNX export (int8 / int4 `MatMulNBits`): ONNX Runtime computes exactly what the dequantized
-weights give, an adapter's blocks are quantized on their own, and a swap rewrites adapter bytes only."""
+"""Quantized ONNX export (int8 / int4 `MatMulNBits`): ONNX Runtime computes exactly what the PyTorch model with
+the same quantized weights computes (`zflora.quantization.simulate`), an adapter's blocks are quantized on
+their own, and a swap rewrites adapter bytes only."""
 
 from __future__ import annotations
 
@@ -12,35 +13,16 @@ from conftest import hf_steps, ort_steps, tiny_model, zflora_model
 
 import zflora
 from zflora.fusion import base_block, block_of
-from zflora.modules import FusedLinear
 
 pytest.importorskip("onnxruntime")
 
 from zflora.cli import main  # noqa: E402 - after the skip
 from zflora.export import onnx as zonnx  # noqa: E402
-from zflora.export.quantize import Quantization, block_quantize, dequantize  # noqa: E402
+from zflora.quantization import Quantization, block_quantize, simulate  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ONNX exports
 
 BLOCK = 16  # divides the tiny model's d = 48; r = 4 fills a quarter of its own block
-
-
-def round_trip(w: torch.Tensor, q: Quantization) -> torch.Tensor:
-    """An (out, in) weight as its MatMulNBits form computes with."""
-    packed, scales = block_quantize(w.numpy().T, q)
-    return torch.from_numpy(dequantize(packed, scales, w.shape[1], q.bits).T.copy())
-
-
-def dequantized(model: torch.nn.Module, q: Quantization) -> torch.nn.Module:
-    """The fused model with every projection's base and adapter block quantized apart, then dequantized."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, FusedLinear):
-                base, block = base_block(m.kind, m.weight, m.r), block_of(m.kind, m.weight, m.r)
-                m.weight.copy_(torch.cat([round_trip(base, q), round_trip(block, q)], 1 if m.kind == "in" else 0))
-        ref.lm_head.weight.copy_(round_trip(ref.lm_head.weight, q))
-    return ref
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -52,7 +34,7 @@ def test_quantized_export_computes_with_the_dequantized_weights(bits, tmp_path) 
     assert manifest["quantization"]["bits"] == bits and manifest["quantization"]["symmetric"]
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
     got = ort_steps(zonnx.session(out), manifest, ids.numpy(), 3)
-    want, fp32 = hf_steps(dequantized(model, q), ids, 3), hf_steps(model, ids, 3)
+    want, fp32 = hf_steps(simulate(model, q), ids, 3), hf_steps(model, ids, 3)
     for g, w, f in zip(got, want, fp32, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
         assert np.abs(g - f).max() > 1e-3  # and it is not the fp32 model: the weights were rounded
@@ -122,3 +104,14 @@ def test_quantized_export_cli(tmp_path, stories_path, capsys) -> None:
     assert zonnx.read_manifest(tmp_path / "x")["quantization"]["name"] == "int8"
     main(["export", "swap", "--output", str(tmp_path / "x"), "--adapter", str(adapter)])
     assert "bytes written (adapter.onnx.data only)" in capsys.readouterr().out
+
+
+def test_simulate_refuses_what_the_export_cannot_be() -> None:
+    model = zflora_model(tiny_model(), seed=1)
+    with pytest.raises(ValueError, match="needs an fp32 model"):
+        simulate(copy.deepcopy(model).to(torch.bfloat16), Quantization(4, BLOCK))
+    with pytest.raises(ValueError, match="fuse it first"):
+        simulate(zflora.unfuse(copy.deepcopy(model)), Quantization(4, BLOCK))
+    tied = simulate(tiny_model(tie=True), Quantization(8, BLOCK))  # a tied LM head gets its own weights
+    assert tied.lm_head.weight.data_ptr() != tied.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(tied.model.embed_tokens.weight, tiny_model(tie=True).model.embed_tokens.weight)

@@ -29,6 +29,8 @@ COMMANDS = {
               "the miniature accuracy study on stories260K (all methods, several seeds)"),
     "accuracy": ("zflora.finetune.config:AccuracyConfig", "zflora.finetune.accuracy:main",
                  "the paper's accuracy study on a real model: commonsense, math, summary (resumable)"),
+    "quantized-accuracy": ("zflora.finetune.config:QuantizedAccuracyConfig", "zflora.finetune.quantized:main",
+                           "a study's trained adapters on an int8 / int4 base: the gain each deployment keeps"),
     "serve": ("zflora.serve.config:ServeConfig", "zflora.serve:main",
               "vLLM OpenAI-compatible server: base checkpoint + zFLoRA adapter (needs vLLM)"),
     "models": ("zflora.registry:ModelsConfig", "zflora.registry:main",

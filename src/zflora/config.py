@@ -47,6 +47,10 @@ def _normalise_target(name: Any) -> str:
     return short
 
 
+# Weight quantizations of a deployed model (`zflora.quantization`): block-wise along K, bits per weight.
+QUANTIZATIONS = {"int8": 8, "int4": 4}
+DEFAULT_BLOCK_SIZE = 32
+
 TRAIN_DTYPES = ("fp32", "bf16")  # what training runs in: fp16 needs loss scaling, which CPUs do not need
 
 

@@ -98,7 +98,7 @@ def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dic
 def quantized(precision: str, fp32: Path, dst: Path) -> tuple[Path, float]:
     """The fp32 export at `fp32` in `precision`, and the seconds that took."""
     from ..export.onnx import quantize_export
-    from ..export.quantize import Quantization
+    from ..quantization import Quantization
 
     started = time.perf_counter()
     if precision == "int8-dynamic":

@@ -7,8 +7,8 @@ from .config import ExportConfig
 
 
 def main(cfg: ExportConfig) -> None:
+    from ..quantization import Quantization
     from . import onnx
-    from .quantize import Quantization
 
     if cfg.action == "swap":
         done = onnx.swap(cfg.output, cfg.adapter, cfg.check_base)

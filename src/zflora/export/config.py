@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
+
 
 @dataclass
 class ExportConfig:
@@ -19,11 +21,12 @@ class ExportConfig:
                                                                  "adapter (unmerged export) directory"})  # fmt: skip
     check_base: bool = field(default=True, metadata={"help": "check the adapter's base fingerprint"})
     last_logits: bool = field(default=False, metadata={"help": "logits of the last position only (generation)"})
-    quantize: str | None = field(default=None, metadata={"choices": ("int8", "int4"),
+    quantize: str | None = field(default=None, metadata={"choices": tuple(QUANTIZATIONS),
                                  "help": "onnx: projection weights as block-wise int8 / int4 (MatMulNBits), the "
                                          "adapter's blocks quantized on their own, in adapter.onnx.data"})  # fmt: skip
-    block_size: int = field(default=32, metadata={"help": "quantization block along the reduction axis (a power "
-                                                          "of 2, >= 16, dividing the hidden size)"})  # fmt: skip
+    block_size: int = field(default=DEFAULT_BLOCK_SIZE,
+                            metadata={"help": "quantization block along the reduction axis (a power of 2, >= 16, "
+                                              "dividing the hidden size)"})  # fmt: skip
     accuracy_level: int = field(default=4, metadata={"help": "MatMulNBits accuracy_level: 4 int8 activations "
                                                              "(fast on CPU), 1 fp32 activations"})  # fmt: skip
 

@@ -44,8 +44,9 @@ from ..files import apply_umask, atomic_write, read_json_object, remove_stale, w
 from ..fusion import Kind, adapter_block, adapter_tensor, base_block, block_of
 from ..models import cache_kwarg, head_dim, meta_model
 from ..modules import FusedLinear, ZFLoRALinear
+from ..quantization import Quantization, adapter_parts
 from ..transform import apply_zflora, fuse, fused_padding, is_zflora
-from .quantize import Quantization, adapter_parts, quantize_graph
+from .quantize import quantize_graph
 
 MANIFEST = "zflora_onnx.json"
 GRAPH, WEIGHTS, ADAPTER = "model.onnx", "model.onnx.data", "adapter.onnx.data"

@@ -1,99 +1,20 @@
-"""Block-wise weight quantization of an exported graph (ONNX Runtime's `MatMulNBits`, int8 or int4), with
-each adapter block quantized on its own, so that a swap rewrites adapter bytes only.
+"""The quantized ONNX graph: every MatMul / Gemm with a constant weight (the decoder's projections and the
+LM head) becomes ONNX Runtime's `MatMulNBits` (`zflora.quantization` says how weights are quantized).
 
-Every projection weight (the decoder's and the LM head's) becomes a `MatMulNBits` weight: blocks of
-`block_size` consecutive values along the reduction axis K, one scale per block and output channel,
-symmetric (no zero points), rounded to nearest by ONNX Runtime's own quantizer
-(`onnxruntime.quantization.matmul_nbits_quantizer`). A fused zFLoRA projection keeps its two parts apart:
-- an output projection `[W ; A]`: A's rows are extra output channels N, blocks of their own for any r;
-- an input projection `[W | s B]`: s B's columns extend K; with `d % block_size == 0` they fill blocks
-  of their own (the last one zero-padded when r is not a multiple of the block size, which is exactly
-  how `MatMulNBits` pads a K that is not a multiple of it).
-Base and adapter are quantized separately and joined by a `Concat` (axis 0 or 1 of the packed weight
-and of the scales), which ONNX Runtime folds into one constant weight at session creation. The packed
-result equals quantizing the fused weight at once, block for block; and a new adapter changes only its
-own blocks. Pure adapter weights (zFLoRA-MHA's embedding projection `A_in`) stay fp32.
+A fused zFLoRA projection's base and adapter block are quantized apart and joined by a `Concat` (axis 0
+of the packed weight and scales for an output projection, axis 1 for an input projection), which ONNX
+Runtime folds into one constant weight at session creation: one matmul per projection, and an adapter
+swap rewrites only the adapter's packed bytes and scales. Pure adapter weights (zFLoRA-MHA's embedding
+projection `A_in`) stay fp32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-QUANTIZATIONS = {"int8": 8, "int4": 4}
-DEFAULT_BLOCK_SIZE = 32
-DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits on CPU: int8 activations, the fast path (1 = fp32 compute)
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """How the weights are quantized: `bits` 8 or 4, `block_size` along K (a power of 2, at least 16),
-    and `MatMulNBits`'s `accuracy_level` (the compute type of the activations: 1 fp32, 4 int8)."""
-
-    bits: int
-    block_size: int = DEFAULT_BLOCK_SIZE
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-
-    def __post_init__(self) -> None:
-        if self.bits not in QUANTIZATIONS.values():
-            raise ValueError(f"bits: {self.bits}; choose 8 or 4")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size: {self.block_size}; choose a power of 2, at least 16")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ValueError(f"accuracy_level: {self.accuracy_level}; choose 0 to 4 (MatMulNBits)")
-
-    @classmethod
-    def named(cls, name: str, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-              ) -> Quantization:  # fmt: skip
-        if name not in QUANTIZATIONS:
-            raise ValueError(f"quantize: {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
-        return cls(QUANTIZATIONS[name], block_size, accuracy_level)
-
-    def to_dict(self) -> dict[str, Any]:
-        name = next(k for k, v in QUANTIZATIONS.items() if v == self.bits)
-        return {"name": name, "bits": self.bits, "block_size": self.block_size, "symmetric": True,
-                "accuracy_level": self.accuracy_level, "operator": "com.microsoft.MatMulNBits",
-                "quantizer": "onnxruntime DefaultWeightOnlyQuantizer (round to nearest)"}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Quantization:
-        return cls(int(d["bits"]), int(d["block_size"]), int(d["accuracy_level"]))
-
-
-def block_quantize(weight_kn: np.ndarray, q: Quantization) -> tuple[np.ndarray, np.ndarray]:
-    """A (K, N) fp32 weight as `MatMulNBits` stores it: packed (N, ceil(K / block), block * bits / 8) uint8
-    and scales (N, ceil(K / block)) fp32, by ONNX Runtime's quantizer."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        DefaultWeightOnlyQuantizer,
-    )
-
-    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=True, bits=q.bits)
-    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
-        np.ascontiguousarray(weight_kn, dtype=np.float32)
-    )
-    return packed, scales
-
-
-def adapter_parts(block: np.ndarray, q: Quantization) -> dict[str, np.ndarray]:
-    """An adapter block in PyTorch's (out, in) layout (`s B` or `A`), quantized as
-    its share of the fused projection's `MatMulNBits` weight: {"packed": ..., "scales": ...}."""
-    packed, scales = block_quantize(np.asarray(block, dtype=np.float32).T, q)  # either kind: its (K, N) view
-    return {"packed": packed, "scales": scales}
-
-
-def dequantize(packed: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
-    """The (K, N) fp32 weight that `MatMulNBits` computes with (symmetric: zero point 2^(bits-1))."""
-    n, blocks, _ = packed.shape
-    if bits == 8:
-        q = packed.astype(np.int16)
-    else:  # two values per byte, the low nibble first
-        q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1).astype(np.int16)
-    w = (q - (1 << (bits - 1))).astype(np.float32) * scales[:, :, None]
-    return w.reshape(n, -1)[:, :k].T
-
+from ..quantization import Quantization, block_quantize
 
 # --------------------------------------------------------------------------- the graph pass
 

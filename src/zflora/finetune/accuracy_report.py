@@ -30,12 +30,20 @@ def primary(category: str, task: str) -> str:
     return "acc_norm" if category == "commonsense" and task in ACC_NORM_TASKS else CATEGORY_METRIC[category]
 
 
-def _items(path: Path) -> list[dict[str, Any]]:
+def read_items(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _mean(rows: list[dict], key: str) -> float:
     return 100 * statistics.fmean(r[key] for r in rows)
+
+
+def task_scores(category: str, items: list[dict[str, Any]]) -> dict[str, float]:
+    """Each task's primary score (percent) over its items."""
+    by_task: dict[str, list[dict]] = {}
+    for row in items:
+        by_task.setdefault(row["task"], []).append(row)
+    return {task: _mean(rows, primary(category, task)) for task, rows in by_task.items()}
 
 
 def sha256(path: Path) -> str:
@@ -60,7 +68,7 @@ def _run_rows(output: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]
     found = []
     for result_path in sorted(output.glob("runs/*/*/result.json")):
         if (result := verified(result_path.parent)) is not None:
-            found.append((result, _items(result_path.parent / "items.jsonl")))
+            found.append((result, read_items(result_path.parent / "items.jsonl")))
     return found
 
 
@@ -89,8 +97,8 @@ def _merge(found: list[tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
         by_task: dict[str, list[dict]] = {}
         for row in items:
             by_task.setdefault(row["task"], []).append(row)
+        run["scores"] |= task_scores(category, items)
         for task, rows in by_task.items():
-            run["scores"][task] = _mean(rows, primary(category, task))
             if category == "commonsense":
                 run["generation"][task] = {"acc": _mean(rows, "gen_acc"), "valid": _mean(rows, "gen_valid")}
             if category == "summary":

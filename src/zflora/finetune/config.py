@@ -12,8 +12,10 @@ from typing import Any
 
 from ..config import (
     ADAPTER_METHODS,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_RANK,
     METHODS,
+    QUANTIZATIONS,
     SMALL_RANK,
     STORIES260K,
     TRAIN_DTYPES,
@@ -218,3 +220,38 @@ class AccuracyConfig:
                 raise ValueError(
                     f"{name}: one value per category ({', '.join(CATEGORIES)}), got {len(getattr(self, name))}"
                 )
+
+
+@dataclass
+class QuantizedAccuracyConfig:
+    """`zflora quantized-accuracy`: how much of a trained adapter's gain a quantized deployment keeps.
+
+    The study's trained zFLoRA and LoRA adapters (one seed, one category) on an int8 / int4 base: zFLoRA
+    fused with its blocks quantized on their own, LoRA merged and then quantized whole, and the quantized
+    base alone; the fp32 rows are the study's own runs."""
+
+    study: Path = field(
+        default=Path("docs/results/accuracy-smollm2-135m"), metadata={"help": "a `zflora accuracy` output directory"}
+    )
+    category: str = field(default="summary", metadata={"choices": tuple(CATEGORIES)})
+    seed: int = field(default=0, metadata={"help": "the study's seed whose adapters are quantized"})
+    precisions: tuple[str, ...] = field(default=tuple(QUANTIZATIONS), metadata={"help": "int8 and / or int4"})
+    block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "quantization block along K"})
+    zflora_adapter: Path | None = field(default=None, metadata={"help": "default: the study's zflora run's final "
+                                                                        "checkpoint on this machine"})  # fmt: skip
+    lora_adapter: Path | None = field(default=None, metadata={"help": "default: the study's lora run's"})
+    work: Path | None = field(default=None, metadata={"help": "the study's checkpoints (default: as `zflora "
+                                                               "accuracy` puts them)"})  # fmt: skip
+    data: Path = field(default=Path("../shared/data"), metadata={"help": "the commonsense/, math/, dialogsum/ root"})
+    output: Path = field(default=Path("docs/results/quantized-accuracy-smollm2-135m"),
+                         metadata={"help": "finished rows (small files; a rerun goes on) and the report"})  # fmt: skip
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        positive_ints(self, "block_size", "eval_batch_size")
+        if self.category not in CATEGORIES:
+            raise ValueError(f"category: {self.category!r}; accepted: {', '.join(CATEGORIES)}")
+        if bad := [p for p in self.precisions if p not in QUANTIZATIONS] or not self.precisions:
+            raise ValueError(f"precisions: from {', '.join(QUANTIZATIONS)}, got {bad or 'none'}")
+        if self.seed < 0:
+            raise ValueError(f"seed: {self.seed}; a study's seeds count from 0")
