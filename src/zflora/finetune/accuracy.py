@@ -91,10 +91,20 @@ def summary_instruction(record: dict[str, Any]) -> str:
     return f"{SUMMARY_INSTRUCTION}\n\n{record['dialogue']}"
 
 
-def train_split(cfg: AccuracyConfig, category: str, tokenizer: Any) -> tuple[list[Example], list[Example]]:
-    """The category's training records, shuffled with a fixed seed: `n_val` held out, the rest to train."""
-    records = [(f, i, r) for f in CATEGORIES[category][0] for i, r in enumerate(load_records(cfg.data / f))]
+@functools.lru_cache(maxsize=4)
+def _training_records(data: Path, category: str) -> tuple[tuple[str, int, dict], ...]:
+    """The category's training records (file, index, record), shuffled with a fixed seed; read once."""
+    records = [(f, i, r) for f in CATEGORIES[category][0] for i, r in enumerate(load_records(data / f))]
     random.Random(f"train:{category}").shuffle(records)
+    return tuple(records)
+
+
+def train_split(
+    cfg: AccuracyConfig, category: str, tokenizer: Any, n_train: int
+) -> tuple[list[Example], list[Example]]:
+    """The first `n_train` training examples and the `n_val` held out, from the fixed shuffle of the
+    category's training records (only those are built)."""
+    records = _training_records(cfg.data, category)[: cfg.n_val + n_train]
     examples = [as_example(category, r, tokenizer, f"{f}: record {i}") for f, i, r in records]
     return examples[cfg.n_val :], examples[: cfg.n_val]
 
@@ -245,14 +255,13 @@ def one_run(
         return done
     (out / "result.json").unlink(missing_ok=True)  # a run whose items do not match it is run again
     tokenizer = load_tokenizer(cfg.model)
-    train_examples, val = train_split(cfg, category, tokenizer)
+    steps = dict(zip(CATEGORIES, cfg.steps, strict=True))[category]
+    seen, val = train_split(cfg, category, tokenizer, 0 if method == "base" else steps * cfg.batch_size)
     result: dict[str, Any] = {"method": method, "rank": rank, "seed": seed, "lr": lr, "category": category}
     if method == "base":
         model = load_model(cfg)
     else:
-        steps = dict(zip(CATEGORIES, cfg.steps, strict=True))[category]
-        train_method = "zflora" if method == "zflora-matched" else method
-        seen = train_examples[: steps * cfg.batch_size]  # the records the run has time for, each seen once
+        train_method = "zflora" if method == "zflora-matched" else method  # `seen`: each record once
         model, log = train(cfg, train_method, rank or cfg.rank, lr, seed, seen, steps, work / name / category)
         result |= {
             "trainable_params": log["trainable_parameters"],
@@ -283,8 +292,8 @@ def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, 
     if done.is_file():
         return json.loads(done.read_text())
     tokenizer = load_tokenizer(cfg.model)
-    splits = {c: train_split(cfg, c, tokenizer) for c in cfg.categories}
-    mixed = [ex for c in cfg.categories for ex in splits[c][0][: cfg.sweep_steps * cfg.batch_size]]
+    splits = {c: train_split(cfg, c, tokenizer, cfg.sweep_steps * cfg.batch_size) for c in cfg.categories}
+    mixed = [ex for c in cfg.categories for ex in splits[c][0]]
     random.Random("sweep").shuffle(mixed)
     losses = {}
     for lr in cfg.lrs:

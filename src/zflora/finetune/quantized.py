@@ -94,7 +94,7 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
         started = time.perf_counter()
         result = {"method": method, "precision": precision, "seed": cfg.seed, "category": cfg.category,
                   "quantization": q.to_dict(), "adapter": str(source) if method != "base" else None,
-                  "heldout_loss": heldout_loss(model, tokenizer, train_split(study, cfg.category, tokenizer)[1],
+                  "heldout_loss": heldout_loss(model, tokenizer, train_split(study, cfg.category, tokenizer, 0)[1],
                                                study.max_length)}  # fmt: skip
         rows = evaluate_category(study, model, tokenizer, cfg.category)
         write_text(out / "items.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
