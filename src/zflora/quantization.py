@@ -28,7 +28,10 @@ from .config import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
 from .fusion import base_block, block_of
 from .modules import FusedLinear, ZFLoRALinear
 
-DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits on CPU: int8 activations, the fast path (1 = fp32 compute)
+# MatMulNBits's compute type for the activations, by bits: int4 at 1 (fp32: the exact quantized weights, and
+# the faster prefill on the CPU measured), int8 at 4 (int8 activations: the only fast int8 path on CPU;
+# fp32 compute dequantizes every call, 8x slower decode). See docs/on-device.md.
+DEFAULT_ACCURACY_LEVEL = {8: 4, 4: 1}
 
 
 @dataclass(frozen=True)
@@ -38,18 +41,20 @@ class Quantization:
 
     bits: int
     block_size: int = DEFAULT_BLOCK_SIZE
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    accuracy_level: int | None = None  # None: DEFAULT_ACCURACY_LEVEL[bits]
 
     def __post_init__(self) -> None:
         if self.bits not in QUANTIZATIONS.values():
             raise ValueError(f"bits: {self.bits}; choose 8 or 4")
+        if self.accuracy_level is None:
+            object.__setattr__(self, "accuracy_level", DEFAULT_ACCURACY_LEVEL[self.bits])
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size: {self.block_size}; choose a power of 2, at least 16")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level: {self.accuracy_level}; choose 0 to 4 (MatMulNBits)")
 
     @classmethod
-    def named(cls, name: str, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    def named(cls, name: str, block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int | None = None
               ) -> Quantization:  # fmt: skip
         if name not in QUANTIZATIONS:
             raise ValueError(f"quantize: {name!r}; choose one of {', '.join(QUANTIZATIONS)}")

@@ -98,6 +98,9 @@ class BenchConfig(Outputs, ModelShape):
         metadata={"help": "onnxruntime: fp32, int8 / int4 (block-wise MatMulNBits, adapter-only swaps), "
                           "int8-dynamic (quantize_dynamic)"},
     )  # fmt: skip
+    accuracy_level: int | None = field(default=None, metadata={"help": "onnxruntime int8 / int4: MatMulNBits "
+                                                                       "accuracy_level (default: 4 for int8, 1 "
+                                                                       "for int4)"})  # fmt: skip
     compile: bool = field(default=False, metadata={"help": "every method compiled (zflora.compile); compile time and "
                                                            "adapter swaps under compile"})  # fmt: skip
     freeze: bool = field(default=False, metadata={"help": "with --compile: inductor weight freezing (no swaps)"})

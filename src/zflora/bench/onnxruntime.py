@@ -95,7 +95,7 @@ def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dic
     return paths, other
 
 
-def quantized(precision: str, fp32: Path, dst: Path) -> tuple[Path, float]:
+def quantized(precision: str, fp32: Path, dst: Path, accuracy_level: int | None) -> tuple[Path, float]:
     """The fp32 export at `fp32` in `precision`, and the seconds that took."""
     from ..export.onnx import quantize_export
     from ..quantization import Quantization
@@ -104,7 +104,7 @@ def quantized(precision: str, fp32: Path, dst: Path) -> tuple[Path, float]:
     if precision == "int8-dynamic":
         quantize(fp32, dst)
     else:
-        quantize_export(fp32, dst, Quantization.named(precision))
+        quantize_export(fp32, dst, Quantization.named(precision, accuracy_level=accuracy_level))
     return dst, time.perf_counter() - started
 
 
@@ -140,7 +140,9 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             swaps += swap_rows("fp32", paths["fp32", "zflora"], other, export_s, "full re-export")
         for precision in (p for p in cfg.precisions if p != "fp32"):
             for m in cfg.methods:
-                paths[precision, m], seconds = quantized(precision, paths["fp32", m], Path(tmp) / f"{m}-{precision}")
+                paths[precision, m], seconds = quantized(
+                    precision, paths["fp32", m], Path(tmp) / f"{m}-{precision}", cfg.accuracy_level
+                )
                 if m == "zflora" and precision != "int8-dynamic":
                     swaps += swap_rows(precision, paths[precision, m], other, seconds, "full re-quantization")
         sizes = {f"{p}/{m}": sum(f.stat().st_size for f in path.iterdir()) / 2**20 for (p, m), path in paths.items()}
@@ -184,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
     shape = f"**{Path(st['model']).name}** (real weights)" if st.get("model") else f"**{st['preset']}** shape"
     lines = [f"{shape} in ONNX Runtime {env['onnxruntime']} (CPU execution provider), "
              f"{st['layers']} layers, d = {st['hidden_size']}, r = {st['rank']}, batch {st['batch']}; "
-             f"{describe_machine(env)}; median of {st['repeats']} repetitions after {st['warmup']} warm-up",
+             f"{describe_machine(env)}; median of {st['repeats']} repetitions after {st['warmup']} warm-up; "
+             f"block-wise int8 / int4 at accuracy_level {st.get('accuracy_level') or '4 / 1'}",
              ""]  # fmt: skip
     keys = list(dict.fromkeys((r["phase"], r["tokens"]) for r in res))
     head = ["precision", "method", *(f"{phase_label({'phase': p, 'tokens': t})} (x base)" for p, t in keys),

@@ -27,8 +27,9 @@ class ExportConfig:
     block_size: int = field(default=DEFAULT_BLOCK_SIZE,
                             metadata={"help": "quantization block along the reduction axis (a power of 2, >= 16, "
                                               "dividing the hidden size)"})  # fmt: skip
-    accuracy_level: int = field(default=4, metadata={"help": "MatMulNBits accuracy_level: 4 int8 activations "
-                                                             "(fast on CPU), 1 fp32 activations"})  # fmt: skip
+    accuracy_level: int | None = field(default=None, metadata={"help": "MatMulNBits accuracy_level: 1 fp32 "
+                                                                       "activations (default for int4), 4 int8 "
+                                                                       "activations (default for int8)"})  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.action == "onnx" and self.model is None:
