@@ -68,6 +68,9 @@ def _run_rows(output: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]
     found = []
     for result_path in sorted(output.glob("runs/*/*/result.json")):
         if (result := verified(result_path.parent)) is not None:
+            log = result_path.parent / "train_log.json"
+            if log.is_file() and (steps := json.loads(log.read_text()).get("step_time_s")):
+                result["median_step_s"] = statistics.median(steps)  # wall time counts pauses; a median does not
             found.append((result, read_items(result_path.parent / "items.jsonl")))
     return found
 
@@ -106,7 +109,7 @@ def _merge(found: list[tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
         run["category_avg"][category] = statistics.fmean(run["scores"][t] for t in by_task)
         run["heldout_loss"][category] = result["heldout_loss"]
         run["cost"][category] = {
-            k: result.get(k) for k in ("train_wall_s", "tokens_seen", "tokens_per_s", "eval_wall_s")
+            k: result.get(k) for k in ("train_wall_s", "tokens_seen", "tokens_per_s", "eval_wall_s", "median_step_s")
         }
     return list(runs.values())
 
@@ -304,7 +307,9 @@ def _generation_lines(out: dict[str, Any], by: dict) -> list[str]:
 
 
 def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
-    lines = ["## Learning rates and cost", ""]
+    lines = ["## Learning rates and cost", "",
+             "Wall times include any pause of the study (it is paused while benchmarks run); the median "
+             "training step is the comparable figure.", ""]  # fmt: skip
     for sw in out["sweeps"]:
         losses = ", ".join(f"{lr}: {v:.4f}" for lr, v in sw["heldout_loss"].items())
         lines.append(
@@ -314,9 +319,10 @@ def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
     for (method, rank), runs in by.items():
         parts = []
         for c, cost in runs[0]["cost"].items():
+            step = f", median step {cost['median_step_s']:.2f} s" if cost.get("median_step_s") else ""
             train = (
                 f"train {cost['train_wall_s'] / 60:.1f} min, {cost['tokens_seen']:,} tokens at "
-                f"{cost['tokens_per_s']:.0f} tok/s; "
+                f"{cost['tokens_per_s']:.0f} tok/s{step}; "
                 if cost.get("train_wall_s")
                 else ""
             )
