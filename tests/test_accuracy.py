@@ -4,6 +4,7 @@ finished runs, re-runs a tampered one, refuses other settings and a dtype the CP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -189,6 +190,8 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
     q = json.loads((tmp_path / "quantized" / "math" / "int4-zflora-s0" / "result.json").read_text())
     assert q["quantization"]["bits"] == 4 and q["adapter"].endswith("checkpoint-1")
     assert "| int4 | zFLoRA, blocks apart |" in (tmp_path / "quantized" / "math.md").read_text()
+    diagnosis = quantized.run(dataclasses.replace(cfg, fp32_adapter=True))  # the base quantized, the blocks not
+    assert {(r["precision"], r["method"]) for r in diagnosis["rows"]} - set(rows) == {("int4", "zflora-fp32-adapter")}
     # Finished rows are read back, never evaluated again; without the adapters, the command says where they were.
     monkeypatch.setattr(quantized, "evaluate_category", lambda *a, **k: pytest.fail("a finished row was re-run"))
     assert quantized.run(cfg)["rows"] == out["rows"]

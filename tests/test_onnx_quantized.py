@@ -13,6 +13,7 @@ from conftest import hf_steps, ort_steps, tiny_model, zflora_model
 
 import zflora
 from zflora.fusion import base_block, block_of
+from zflora.modules import FusedLinear
 
 pytest.importorskip("onnxruntime")
 
@@ -115,3 +116,15 @@ def test_simulate_refuses_what_the_export_cannot_be() -> None:
     tied = simulate(tiny_model(tie=True), Quantization(8, BLOCK))  # a tied LM head gets its own weights
     assert tied.lm_head.weight.data_ptr() != tied.model.embed_tokens.weight.data_ptr()
     assert torch.equal(tied.model.embed_tokens.weight, tiny_model(tie=True).model.embed_tokens.weight)
+
+
+def test_simulate_can_keep_the_adapter_blocks_exact() -> None:
+    model = zflora_model(tiny_model(), seed=1)
+    q = Quantization(4, BLOCK)
+    both, base_only = simulate(model, q), simulate(model, q, adapter=False)
+    for name, m in model.named_modules():
+        if isinstance(m, FusedLinear):
+            kept, rounded = base_only.get_submodule(name), both.get_submodule(name)
+            assert torch.equal(block_of(m.kind, kept.weight, m.r), block_of(m.kind, m.weight, m.r))
+            assert torch.equal(base_block(m.kind, kept.weight, m.r), base_block(m.kind, rounded.weight, m.r))
+            assert not torch.equal(block_of(m.kind, rounded.weight, m.r), block_of(m.kind, m.weight, m.r))

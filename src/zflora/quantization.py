@@ -112,11 +112,13 @@ def round_trip(weight: torch.Tensor, q: Quantization) -> torch.Tensor:
 
 
 @torch.no_grad()
-def simulate(model: nn.Module, q: Quantization) -> nn.Module:
+def simulate(model: nn.Module, q: Quantization, adapter: bool = True) -> nn.Module:
     """A copy of `model` (fp32) whose every projection weight, the LM head's included, is what the quantized
     export computes with: a fused zFLoRA projection's base and adapter block each quantized on their own,
     every other `nn.Linear` whole. Embeddings and norms stay fp32, as in the export; a tied LM head gets its
-    own weight. Equal to the ONNX export at `accuracy_level=1` (fp32 activations; tested)."""
+    own weight. Equal to the ONNX export at `accuracy_level=1` (fp32 activations; tested). With
+    `adapter=False` the adapter blocks stay fp32: a diagnosis of where a quantized adapter loses accuracy,
+    not a form the export can take (one `MatMulNBits` has one precision)."""
     if (dtype := next(model.parameters()).dtype) != torch.float32:
         raise ValueError(f"quantization needs an fp32 model to quantize from; this one is {dtype}")
     out = copy.deepcopy(model)
@@ -124,7 +126,8 @@ def simulate(model: nn.Module, q: Quantization) -> nn.Module:
         if isinstance(m, FusedLinear):
             if m.pad:
                 raise ValueError("a padded fused model (fuse(model, pad_to=...)): unfuse it and fuse it unpadded")
-            parts = [round_trip(base_block(m.kind, m.weight, m.r), q), round_trip(block_of(m.kind, m.weight, m.r), q)]
+            block = block_of(m.kind, m.weight, m.r)
+            parts = [round_trip(base_block(m.kind, m.weight, m.r), q), round_trip(block, q) if adapter else block]
             m.weight.copy_(torch.cat(parts, 1 if m.kind == "in" else 0))
         elif isinstance(m, ZFLoRALinear):
             raise ValueError("an unfused zFLoRA model: fuse it first (zflora.fuse), as it is exported")

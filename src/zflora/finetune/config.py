@@ -246,6 +246,8 @@ class QuantizedAccuracyConfig:
     output: Path = field(default=Path("docs/results/quantized-accuracy-smollm2-135m"),
                          metadata={"help": "finished rows (small files; a rerun goes on) and the report"})  # fmt: skip
     eval_batch_size: int = 64
+    fp32_adapter: bool = field(default=False, metadata={"help": "also zFLoRA on the quantized base, blocks fp32 "
+                                                                "(a diagnosis, not a deployable form)"})  # fmt: skip
 
     def __post_init__(self) -> None:
         positive_ints(self, "block_size", "eval_batch_size")

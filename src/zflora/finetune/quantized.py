@@ -35,6 +35,7 @@ from .config import AccuracyConfig, QuantizedAccuracyConfig
 from .train import last_complete_checkpoint
 
 METHODS = ("base", "lora", "zflora")  # lora: merged, then quantized with the base
+FP32_ADAPTER = "-fp32-adapter"  # zflora-fp32-adapter: the base quantized, the adapter blocks not (a diagnosis)
 
 
 def study_config(cfg: QuantizedAccuracyConfig) -> AccuracyConfig:
@@ -86,11 +87,11 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
         tokenizer = load_tokenizer(study.model)
         model = load_model(study)  # the study's dtype: fp32
         if method != "base":
-            source = adapter_dir(cfg, study, method)
+            source = adapter_dir(cfg, study, method.removesuffix(FP32_ADAPTER))
             model = attach_adapter(model, source)
         model = prepare_for_eval(model)  # zFLoRA fused, LoRA merged
         q = Quantization.named(precision, cfg.block_size, accuracy_level=1)
-        model = simulate(model, q)
+        model = simulate(model, q, adapter=not method.endswith(FP32_ADAPTER))
         started = time.perf_counter()
         result = {"method": method, "precision": precision, "seed": cfg.seed, "category": cfg.category,
                   "quantization": q.to_dict(), "adapter": str(source) if method != "base" else None,
@@ -110,12 +111,14 @@ def run(cfg: QuantizedAccuracyConfig) -> dict[str, Any]:
     for method in ("lora", "zflora"):
         adapter_dir(cfg, study, method)  # every adapter found before an hour of evaluation
     rows = {("fp32", m): fp32_row(cfg, study, m) for m in METHODS}
+    methods = (*METHODS, f"zflora{FP32_ADAPTER}") if cfg.fp32_adapter else METHODS
     for precision in cfg.precisions:
-        for method in METHODS:
+        for method in methods:
             rows[precision, method] = quantized_row(cfg, study, method, precision)
     out = {"category": cfg.category, "metric": CATEGORY_METRIC[cfg.category], "seed": cfg.seed,
            "block_size": cfg.block_size, "rows": []}  # fmt: skip
     gain32 = {m: rows["fp32", m]["score"] - rows["fp32", "base"]["score"] for m in ("lora", "zflora")}
+    gain32[f"zflora{FP32_ADAPTER}"] = gain32["zflora"]
     for (precision, method), r in rows.items():
         gain = r["score"] - rows[precision, "base"]["score"]
         adapted = method != "base"
@@ -126,7 +129,13 @@ def run(cfg: QuantizedAccuracyConfig) -> dict[str, Any]:
     return out
 
 
-LABELS = {"base": "base (quantized alone)", "lora": "LoRA, merged then quantized", "zflora": "zFLoRA, blocks apart"}
+LABELS = {
+    "base": "base (quantized alone)",
+    "lora": "LoRA, merged then quantized",
+    "zflora": "zFLoRA, blocks apart",
+    f"zflora{FP32_ADAPTER}": "zFLoRA, base quantized, blocks fp32 (diagnosis)",
+}
+FP32_LABELS = {"base": "base", "lora": "LoRA, merged", "zflora": "zFLoRA, fused"}
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -137,7 +146,8 @@ def markdown(out: dict[str, Any]) -> str:
     for r in out["rows"]:
         gain = "" if r["gain"] is None else f"{r['gain']:+.1f}"
         kept = "" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
-        lines.append(f"| {r['precision']} | {LABELS[r['method']]} | {r['score']:.1f} | {gain} | {kept} | "
+        label = (FP32_LABELS if r["precision"] == "fp32" else LABELS)[r["method"]]
+        lines.append(f"| {r['precision']} | {label} | {r['score']:.1f} | {gain} | {kept} | "
                      f"{r['heldout_loss']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
