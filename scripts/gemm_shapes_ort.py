@@ -19,21 +19,15 @@ import time
 import numpy as np
 import onnxruntime as ort
 import torch
+from gemm_shapes_torch import shapes  # the same per-layer shapes as the PyTorch GEMM script
 from onnx import TensorProto, helper, numpy_helper
 from transformers import AutoConfig
 
 from zflora.fusion import kind_of
 from zflora.hardware import describe_machine, environment
-from zflora.models import head_dim, preset_config, require_local
+from zflora.models import preset_config, require_local
 from zflora.presets import PRESETS
 from zflora.quantization import Quantization, block_quantize
-
-
-def shapes(config) -> dict[str, tuple[int, int]]:
-    d, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
-    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, inter), "up": (d, inter),
-            "down": (inter, d)}  # fmt: skip
 
 
 def session(k: int, n: int, q: Quantization, threads: int) -> ort.InferenceSession:

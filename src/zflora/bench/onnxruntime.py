@@ -77,26 +77,26 @@ class OrtRunner:
         """Nothing to drop: every decode step runs on the same past (the feeds are fixed)."""
 
 
-def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dict[str, Path], Path]:
-    """Every method exported in fp32, and another adapter saved for the swaps."""
+def export_all(cfg: BenchConfig, base: torch.nn.Module, root: Path) -> tuple[dict[str, Path], Path, float | None]:
+    """Every method exported in fp32, another adapter saved for the swaps, and zflora's export seconds."""
     from ..adapter_io import save_adapter, set_adapter
     from ..export.onnx import export
     from ..methods import random_adapter
 
-    paths, other = {}, root / "other-adapter"
+    paths, other, export_s = {}, root / "other-adapter", None
     for m in cfg.methods:
         model = build_method(base, m, cfg, keep_base=True)
         started = time.perf_counter()
         paths[m] = export(model, root / m, method=m, last_logits=True)
         if m == "zflora":
-            paths["export_s"] = time.perf_counter() - started
+            export_s = time.perf_counter() - started
             save_adapter(set_adapter(model, random_adapter(model, cfg.seed + 9)), other)
         del model
-    return paths, other
+    return paths, other, export_s
 
 
-def quantized(precision: str, fp32: Path, dst: Path, accuracy_level: int | None) -> tuple[Path, float]:
-    """The fp32 export at `fp32` in `precision`, and the seconds that took."""
+def quantized(precision: str, fp32: Path, dst: Path, accuracy_level: int | None) -> float:
+    """The fp32 export at `fp32` written to `dst` in `precision`; the seconds that took."""
     from ..export.onnx import quantize_export
     from ..quantization import Quantization
 
@@ -105,7 +105,7 @@ def quantized(precision: str, fp32: Path, dst: Path, accuracy_level: int | None)
         quantize(fp32, dst)
     else:
         quantize_export(fp32, dst, Quantization.named(precision, accuracy_level=accuracy_level))
-    return dst, time.perf_counter() - started
+    return time.perf_counter() - started
 
 
 def swap_rows(precision: str, path: Path, other: Path, rebuild_s: float, rebuild: str) -> list[dict[str, Any]]:
@@ -132,17 +132,15 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                               "logits": "last position", "model": str(cfg.model) if cfg.model else None}  # fmt: skip
     timer, results, swaps = Timer(torch.device("cpu")), [], []
     with tempfile.TemporaryDirectory(prefix="zflora-onnx-") as tmp:
-        exported, other = export_all(cfg, base, Path(tmp))
-        export_s = exported.pop("export_s", None)
+        exported, other, export_s = export_all(cfg, base, Path(tmp))
         paths = {("fp32", m): p for m, p in exported.items()}
         del base
         if export_s is not None and "fp32" in cfg.precisions:
             swaps += swap_rows("fp32", paths["fp32", "zflora"], other, export_s, "full re-export")
         for precision in (p for p in cfg.precisions if p != "fp32"):
             for m in cfg.methods:
-                paths[precision, m], seconds = quantized(
-                    precision, paths["fp32", m], Path(tmp) / f"{m}-{precision}", cfg.accuracy_level
-                )
+                paths[precision, m] = Path(tmp) / f"{m}-{precision}"
+                seconds = quantized(precision, paths["fp32", m], paths[precision, m], cfg.accuracy_level)
                 if m == "zflora" and precision != "int8-dynamic":
                     swaps += swap_rows(precision, paths[precision, m], other, seconds, "full re-quantization")
         sizes = {f"{p}/{m}": sum(f.stat().st_size for f in path.iterdir()) / 2**20 for (p, m), path in paths.items()}

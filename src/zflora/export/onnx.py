@@ -318,19 +318,16 @@ def adapter_arrays(manifest: dict[str, Any], adapter_dir: str | os.PathLike, che
     check_same_base(manifest["base_model"], adapter, check_base)
     cfg, dtype = adapter.config, getattr(torch, manifest["dtype"])
     quantization = Quantization.from_dict(manifest["quantization"]) if "quantization" in manifest else None
-    arrays, quantized = {}, {}
+    arrays, parts = {}, {}  # parts: per adapter tensor, its block (or, quantized, packed weight and scales)
     for init, entry in info["initializers"].items():
         source, shape = entry["source"], tuple(entry["shape"])
-        kind: Kind = "in" if source.endswith(adapter_tensor("in")) else "out"  # s B; A and A_in as they are
-        block = adapter_block(kind, torch.empty(0, dtype=dtype), adapter.tensors[source], cfg.scaling, cfg.r)
-        if not torch.isfinite(block).all():
-            raise AdapterError(f"{adapter_dir}: {source} does not give a finite block in {dtype}")
-        if "part" in entry:  # a quantized export: the block's packed weight or its scales
-            if source not in quantized:
-                quantized[source] = adapter_parts(block.numpy(), quantization)
-            arrays[init] = quantized[source][entry["part"]]
-        else:
-            arrays[init] = block.contiguous().numpy()
+        if source not in parts:  # a quantized export lists each tensor twice: its packed weight and scales
+            kind: Kind = "in" if source.endswith(adapter_tensor("in")) else "out"  # s B; A and A_in as they are
+            block = adapter_block(kind, torch.empty(0, dtype=dtype), adapter.tensors[source], cfg.scaling, cfg.r)
+            if not torch.isfinite(block).all():
+                raise AdapterError(f"{adapter_dir}: {source} does not give a finite block in {dtype}")
+            parts[source] = adapter_parts(block.numpy(), quantization) if "part" in entry else {"block": block.numpy()}
+        arrays[init] = np.ascontiguousarray(parts[source][entry.get("part", "block")])
         if arrays[init].shape != shape:
             raise AdapterError(f"{adapter_dir}: {source} gives a {arrays[init].shape} {init}, the export has {shape}")
     return arrays, cfg.to_dict()

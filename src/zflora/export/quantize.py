@@ -111,9 +111,7 @@ def _weight_of(node: Any, inits: dict[str, Any], producer: dict[str, Any]) -> di
         if name not in inits:
             return None
         w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        w_kn = w.T if a.get("transB", 0) else w
-        return {"parts": [name], "weights_kn": [w_kn], "axis": None, "k": w_kn.shape[0], "n": w_kn.shape[1],
-                "k_base": w_kn.shape[0], "nodes": []}  # fmt: skip
+        return _whole(name, w.T if a.get("transB", 0) else w, [])
     if node.op_type != "MatMul":
         return None
     src, chain = node.input[1], []
@@ -128,9 +126,7 @@ def _weight_of(node: Any, inits: dict[str, Any], producer: dict[str, Any]) -> di
         w = numpy_helper.to_array(inits[src]).astype(np.float32)
         if w.ndim != 2:
             return None
-        w_kn = w.T if transposed else w
-        return {"parts": [src], "weights_kn": [w_kn], "axis": None, "k": w_kn.shape[0], "n": w_kn.shape[1],
-                "k_base": w_kn.shape[0], "nodes": chain}  # fmt: skip
+        return _whole(src, w.T if transposed else w, chain)
     if not transposed or src not in producer or producer[src].op_type != "Concat":
         return None
     cat = producer[src]
@@ -145,3 +141,9 @@ def _weight_of(node: Any, inits: dict[str, Any], producer: dict[str, Any]) -> di
     n = base.shape[0] + (block.shape[0] if axis == 0 else 0)
     return {"parts": list(cat.input), "weights_kn": [base.T, block.T], "axis": axis, "k": k, "n": n,
             "k_base": base.shape[1], "nodes": [*chain, cat.name]}  # fmt: skip
+
+
+def _whole(name: str, w_kn: np.ndarray, nodes: list[str]) -> dict[str, Any]:
+    """The plan of a weight that is one initializer (no adapter block beside it)."""
+    k, n = w_kn.shape
+    return {"parts": [name], "weights_kn": [w_kn], "axis": None, "k": k, "n": n, "k_base": k, "nodes": nodes}

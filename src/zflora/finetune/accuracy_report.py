@@ -38,12 +38,17 @@ def _mean(rows: list[dict], key: str) -> float:
     return 100 * statistics.fmean(r[key] for r in rows)
 
 
-def task_scores(category: str, items: list[dict[str, Any]]) -> dict[str, float]:
-    """Each task's primary score (percent) over its items."""
-    by_task: dict[str, list[dict]] = {}
+def by_task(items: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A run's per-item rows, grouped by task (in the order the tasks first appear)."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
     for row in items:
-        by_task.setdefault(row["task"], []).append(row)
-    return {task: _mean(rows, primary(category, task)) for task, rows in by_task.items()}
+        grouped.setdefault(row["task"], []).append(row)
+    return grouped
+
+
+def task_scores(category: str, grouped: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each task's primary score (percent) over its items (`by_task`'s grouping)."""
+    return {task: _mean(rows, primary(category, task)) for task, rows in grouped.items()}
 
 
 def sha256(path: Path) -> str:
@@ -97,16 +102,14 @@ def _merge(found: list[tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
             },
         )
         category = result["category"]
-        by_task: dict[str, list[dict]] = {}
-        for row in items:
-            by_task.setdefault(row["task"], []).append(row)
-        run["scores"] |= task_scores(category, items)
-        for task, rows in by_task.items():
+        grouped = by_task(items)
+        run["scores"] |= task_scores(category, grouped)
+        for task, rows in grouped.items():
             if category == "commonsense":
                 run["generation"][task] = {"acc": _mean(rows, "gen_acc"), "valid": _mean(rows, "gen_valid")}
             if category == "summary":
                 run["rouge"][task] = {k: _mean(rows, k) for k in rows[0] if k.startswith("rouge")}
-        run["category_avg"][category] = statistics.fmean(run["scores"][t] for t in by_task)
+        run["category_avg"][category] = statistics.fmean(run["scores"][t] for t in grouped)
         run["heldout_loss"][category] = result["heldout_loss"]
         run["cost"][category] = {
             k: result.get(k) for k in ("train_wall_s", "tokens_seen", "tokens_per_s", "eval_wall_s", "median_step_s")

@@ -30,7 +30,7 @@ from ..methods import prepare_for_eval
 from ..models import load_tokenizer
 from ..quantization import Quantization, simulate
 from .accuracy import evaluate_category, heldout_loss, load_model, run_name, train_split, work_dir
-from .accuracy_report import CATEGORY_METRIC, read_items, sha256, task_scores, verified
+from .accuracy_report import CATEGORY_METRIC, by_task, read_items, sha256, task_scores, verified
 from .config import AccuracyConfig, QuantizedAccuracyConfig
 from .train import last_complete_checkpoint
 
@@ -76,7 +76,7 @@ def fp32_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: str) -
 
 
 def row(category: str, result: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
-    tasks = task_scores(category, items)
+    tasks = task_scores(category, by_task(items))
     return {"score": sum(tasks.values()) / len(tasks), "tasks": tasks, "heldout_loss": result["heldout_loss"]}
 
 
