@@ -192,12 +192,15 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
     assert "| int4 | zFLoRA, blocks apart |" in (tmp_path / "quantized" / "math.md").read_text()
     diagnosis = quantized.run(dataclasses.replace(cfg, fp32_adapter=True))  # the base quantized, the blocks not
     assert {(r["precision"], r["method"]) for r in diagnosis["rows"]} - set(rows) == {("int4", "zflora-fp32-adapter")}
-    # Finished rows are read back, never evaluated again; without the adapters, the command says where they were.
+    # Finished rows are read back, never evaluated again, and need no adapter; a row still to run does, and
+    # without it the command says where it looked before evaluating anything.
     monkeypatch.setattr(quantized, "evaluate_category", lambda *a, **k: pytest.fail("a finished row was re-run"))
     assert quantized.run(cfg)["rows"] == out["rows"]
     shutil.rmtree(tmp_path / "work")
+    assert quantized.run(cfg)["rows"] == out["rows"]
     with pytest.raises(FileNotFoundError, match="pass --lora-adapter DIR"):
-        quantized.run(cfg)
+        quantized.run(dataclasses.replace(cfg, precisions=("int8",)))
+    assert not (tmp_path / "quantized" / "math" / "int8-base-s0").exists()
     with pytest.raises(ValueError, match="precisions: from int8, int4, got \\['int3'\\]"):
         QuantizedAccuracyConfig(precisions=("int3",))
 

@@ -80,9 +80,13 @@ def row(category: str, result: dict[str, Any], items: list[dict[str, Any]]) -> d
     return {"score": sum(tasks.values()) / len(tasks), "tasks": tasks, "heldout_loss": result["heldout_loss"]}
 
 
+def row_dir(cfg: QuantizedAccuracyConfig, method: str, precision: str) -> Path:
+    return cfg.output / cfg.category / f"{precision}-{method}-s{cfg.seed}"
+
+
 def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: str, precision: str) -> dict[str, Any]:
     """One quantized model evaluated (or read back when it already was)."""
-    out = cfg.output / cfg.category / f"{precision}-{method}-s{cfg.seed}"
+    out = row_dir(cfg, method, precision)
     if (result := verified(out)) is None:
         tokenizer = load_tokenizer(study.model)
         model = load_model(study)  # the study's dtype: fp32
@@ -108,10 +112,12 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
 
 def run(cfg: QuantizedAccuracyConfig) -> dict[str, Any]:
     study = study_config(cfg)
-    for method in ("lora", "zflora"):
-        adapter_dir(cfg, study, method)  # every adapter found before an hour of evaluation
     rows = {("fp32", m): fp32_row(cfg, study, m) for m in METHODS}
     methods = (*METHODS, f"zflora{FP32_ADAPTER}") if cfg.fp32_adapter else METHODS
+    to_run = {m.removesuffix(FP32_ADAPTER) for p in cfg.precisions for m in methods
+              if m != "base" and verified(row_dir(cfg, m, p)) is None}  # fmt: skip
+    for method in sorted(to_run):
+        adapter_dir(cfg, study, method)  # every adapter still needed found before an hour of evaluation
     for precision in cfg.precisions:
         for method in methods:
             rows[precision, method] = quantized_row(cfg, study, method, precision)
