@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: setup test lint demo bench bench-full clean vllm-setup test-vllm serve-bench
+.PHONY: setup test lint demo bench bench-full bench-engines clean vllm-setup test-vllm serve-bench serve-load
 
 BENCH_OUT := runs/bench
 
@@ -46,6 +46,13 @@ bench-full: $(STAMP)
 	.venv/bin/zflora bench --full --json $(BENCH_OUT)/bench-full.json --chart $(BENCH_OUT)/bench-full.png \
 		--markdown $(BENCH_OUT)/bench-full.md
 
+# One table across engines on the real model: eager transformers, torch.compile, ONNX Runtime fp32 and int8, and
+# vLLM when .venv-vllm exists (make vllm-setup); batch 1 and 8; each engine in a process of its own.
+bench-engines: $(STAMP)
+	.venv/bin/zflora models get $(REAL_MODEL) >/dev/null
+	.venv/bin/zflora bench-engines --model $(REAL_MODEL) --json $(BENCH_OUT)/engines-$(REAL_MODEL).json \
+		--chart $(BENCH_OUT)/engines-$(REAL_MODEL).png --markdown $(BENCH_OUT)/engines-$(REAL_MODEL).md
+
 # vLLM serving: its own environment, since vLLM pins its own transformers.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -66,6 +73,13 @@ test-vllm: $(VLLM_STAMP)
 serve-bench: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/zflora serve-bench --json $(SERVE_OUT)/serve-bench.json --chart $(SERVE_OUT)/serve-bench.png \
 		--markdown $(SERVE_OUT)/serve-bench.md
+
+# Serving under load on the real model: vLLM's OpenAI server, 1, 4 and 16 concurrent clients (vLLM's own load
+# generator, loopback only), base vs vLLM LoRA vs the zFLoRA plugin.
+serve-load: $(STAMP) $(VLLM_STAMP)
+	.venv/bin/zflora models get $(REAL_MODEL) >/dev/null
+	$(VLLM_VENV)/bin/zflora serve-load --model $(REAL_MODEL) --json $(SERVE_OUT)/serve-load-$(REAL_MODEL).json \
+		--chart $(SERVE_OUT)/serve-load-$(REAL_MODEL).png --markdown $(SERVE_OUT)/serve-load-$(REAL_MODEL).md
 
 demo: $(STAMP)
 	.venv/bin/zflora demo

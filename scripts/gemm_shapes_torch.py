@@ -1,11 +1,13 @@
 """Time the GEMMs of one decoder layer at base shapes and at zFLoRA's d + r shapes, in PyTorch (oneDNN on a
 CPU), interleaved: is a zFLoRA slowdown the architecture or the kernel's efficiency at d + r?
 
-    .venv/bin/python scripts/gemm_shapes_torch.py [--model smollm2-135m-instruct] [--ranks 16,32,64]
-        [--tokens 128,512] [--dtype bf16] [--repeats 50]
+    .venv/bin/python scripts/gemm_shapes_torch.py [--model smollm2-135m-instruct | --preset llama-3.2-1b]
+        [--ranks 16,32,64] [--tokens 128,512] [--dtype bf16] [--repeats 50]
 
 zFLoRA adds no operator per layer, only r input columns to q, k, v, gate, up and r output rows to o, down,
-so the per-layer cost is the sum printed. Shapes come from the model's config (a fetched name or a directory).
+so the per-layer cost is the sum printed. Shapes come from the model's config (a fetched name or a directory)
+or a preset's. A rank R also stands for any smaller r padded to d + R (`zflora.fuse(model, pad_to=...)`): the
+GEMMs are the same shape.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from transformers import AutoConfig
 
 from zflora.fusion import kind_of
 from zflora.hardware import describe_machine, environment
-from zflora.models import head_dim, require_local, torch_dtype
+from zflora.models import head_dim, preset_config, require_local, torch_dtype
 
 
 def shapes(config) -> dict[str, tuple[int, int]]:
@@ -32,14 +34,19 @@ def shapes(config) -> dict[str, tuple[int, int]]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--preset", help="a preset's shape instead of --model (e.g. llama-3.2-1b)")
     p.add_argument("--ranks", default="16,32,64")
     p.add_argument("--tokens", default="128,512")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args()
-    config = AutoConfig.from_pretrained(require_local(args.model), local_files_only=True)
+    if args.preset:
+        config = preset_config(args.preset, None)
+    else:
+        config = AutoConfig.from_pretrained(require_local(args.model), local_files_only=True)
     dtype, g = torch_dtype(args.dtype), torch.Generator().manual_seed(0)
-    print(f"{args.model}: d = {config.hidden_size}; {describe_machine(environment(torch.device('cpu'), args.dtype))}")
+    machine = describe_machine(environment(torch.device("cpu"), args.dtype))
+    print(f"{args.preset or args.model}: d = {config.hidden_size}; {machine}")
     for tokens in map(int, args.tokens.split(",")):
         for r in map(int, args.ranks.split(",")):
             base_total = fused_total = 0.0

@@ -149,3 +149,78 @@ def test_onnxruntime_refuses_a_dtype_it_would_ignore():
     with pytest.raises(ValueError, match="dtype: onnxruntime exports run in fp32"):
         BenchConfig(engine="onnxruntime", dtype="bf16")
     BenchConfig(engine="onnxruntime", dtype="fp32")
+
+
+# --------------------------------------------------------------------------- bench-engines
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(engines=("eager", "tensorrt")), "engines: from eager"), (dict(batches=()), "batches: must not be empty"),
+     (dict(dtype="bf16"), "dtype: ONNX Runtime runs fp32"), (dict(precisions=("int3",)), "precisions: from"),
+     (dict(vllm_python="/no/such/python"), "vllm_python: /no/such/python is not a file")],
+)  # fmt: skip
+def test_bench_engines_config_validation(kwargs, match):
+    from zflora.bench.config import EnginesConfig
+
+    with pytest.raises(ValueError, match=match):
+        EnginesConfig(**kwargs)
+    EnginesConfig(engines=("eager", "compile"), dtype="bf16")  # without ONNX Runtime every engine honours bf16
+
+
+def test_bench_engines_runs_each_engine_by_its_own_benchmark(monkeypatch):
+    from zflora.bench import engines
+    from zflora.bench.config import ONNX_METHODS, EnginesConfig
+
+    monkeypatch.setattr(engines, "vllm_python", lambda cfg: None)
+    runs, skipped = engines.plan(EnginesConfig(batches=(1, 8)))
+    assert runs == [(e, b) for e in ("eager", "compile", "onnxruntime") for b in (1, 8)] and set(skipped) == {"vllm"}
+    with pytest.raises(ValueError, match="engines: vllm asked for, but vLLM is not installed"):
+        engines.plan(EnginesConfig(engines=("eager", "vllm")))
+    cfg = EnginesConfig(model="m", batches=(1, 8))
+    cmds = {e: engines.command(cfg, e, 8, engines.Path("o.json")) for e in ("eager", "compile", "onnxruntime")}
+    for cmd in cmds.values():
+        assert cmd[cmd.index("--methods") + 1] == ",".join(ONNX_METHODS) and cmd[cmd.index("--batch") + 1] == "8"
+        assert cmd[cmd.index("--model") + 1] == "m" and cmd[cmd.index("--json") + 1] == "o.json"
+    assert "--compile" in cmds["compile"] and "--compile" not in cmds["eager"]
+    assert cmds["onnxruntime"][-4:] == ["--engine", "onnxruntime", "--precisions", "fp32,int8"]
+    monkeypatch.setattr(engines, "vllm_python", lambda cfg: "/venv/bin/python")
+    vllm = engines.command(cfg, "vllm", None, engines.Path("o.json"))
+    assert vllm[:4] == ["/venv/bin/python", "-m", "zflora.cli", "serve-bench"]
+    assert vllm[vllm.index("--batch-sizes") + 1] == "1,8"
+
+
+def test_bench_engines_one_table(tmp_path, capsys):
+    """Eager and ONNX Runtime (fp32, int8) at batch 1 and 2 on the tiny preset, each in its own process."""
+    out = tmp_path / "e"
+    main(["bench-engines", "--preset", "tiny", "--rank", "4", "--engines", "eager,onnxruntime", "--batches", "1,2",
+          "--prompt-lens", "8,16", "--decode-context", "16", "--decode-steps", "2", "--repeats", "1", "--warmup", "0",
+          "--dtype", "fp32", "--no-progress", "--json", str(out / "r.json"), "--markdown", str(out / "r.md"),
+          "--chart", str(out / "r.png")])  # fmt: skip
+    result = json.loads((out / "r.json").read_text())
+    assert [(r["engine"], r["batch"], r["returncode"]) for r in result["runs"]] == [
+        ("eager", 1, 0), ("eager", 2, 0), ("onnxruntime", 1, 0), ("onnxruntime", 2, 0)]  # fmt: skip
+    assert all(r["peak_rss_mb"] > 50 and r["dtype"] == "fp32" for r in result["runs"])
+    keys = {(r["engine"], r["batch"], r["method"], r["phase"], r["tokens"]) for r in result["rows"]}
+    assert keys == {(e, b, m, p, n) for e in ("eager", "onnxruntime fp32", "onnxruntime int8") for b in (1, 2)
+                    for m in E2E_METHODS if m != "lora-mha" for p, n in (("prefill", 8), ("prefill", 16),
+                                                                          ("decode", 16))}  # fmt: skip
+    for r in (r for r in result["rows"] if r["phase"] == "decode"):
+        assert r["tokens_per_s"] == pytest.approx(1e3 * r["batch"] / r["median_ms"])
+        assert r["weights_gb_s"] == pytest.approx(r["weights_mb"] * 2**20 / r["median_ms"] * 1e3 / 1e9)
+    int8 = {r["method"]: r["weights_mb"] for r in result["rows"] if r["engine"] == "onnxruntime int8"}
+    fp32 = {r["method"]: r["weights_mb"] for r in result["rows"] if r["engine"] == "onnxruntime fp32"}
+    assert all(int8[m] < fp32[m] for m in fp32)
+    assert len(result["targets"]) == 3 * 2 * 3  # zflora: every engine, batch and phase
+    text = (out / "r.md").read_text()
+    assert "| onnxruntime int8 | int8 | 2 | zflora |" in text and "| eager | fp32 | 1 | base |" in text
+    assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_engines_reports_a_failed_engine(tmp_path):
+    """An engine that fails is reported with its output and the command exits non-zero; the others still land."""
+    out = tmp_path / "r.md"
+    with pytest.raises(SystemExit, match="vllm batch None failed"):
+        main(["bench-engines", "--preset", "tiny", "--engines", "vllm", "--vllm-python", shutil.which("false"),
+              "--no-progress", "--markdown", str(out)])  # fmt: skip
+    assert "vllm batch None failed: `" in out.read_text()

@@ -30,7 +30,7 @@ from zflora.adapter_io import AdapterError, checkpoint_fingerprint
 from zflora.cli import main
 from zflora.modules import HiddenReadLinear
 from zflora.registry import MARKER
-from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, hf_overrides, read_for_config, serve_command
+from zflora.serve import ADAPTER_FIELD, ARCHITECTURE, PAD_FIELD, hf_overrides, read_for_config, serve_command
 from zflora.serve.checkpoint import fuse_state_dict
 
 CASES = {
@@ -49,8 +49,9 @@ def checkpoint_tensors(model: torch.nn.Module, tied: bool) -> dict[str, torch.Te
     return sd
 
 
+@pytest.mark.parametrize("pad_to", [None, 32])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fuse_state_dict_equals_hf_fused_model(tmp_path, case):
+def test_fuse_state_dict_equals_hf_fused_model(tmp_path, case, pad_to):
     kwargs, tied = CASES[case]
     model = tiny_model(tie=tied)
     d = model.config.hidden_size
@@ -59,19 +60,26 @@ def test_fuse_state_dict_equals_hf_fused_model(tmp_path, case):
     randomize_adapter(model)
     zflora.save_adapter(model, tmp_path / "ad")
     adapter = read_for_config(model.config, tmp_path / "ad")
-    fused = dict(fuse_state_dict(sd.items(), adapter, tied))
-    zflora.fuse(model)
     cfg = adapter.config
+    pad = zflora.fusion.padding(d, cfg.r, pad_to)
+    assert pad > 0 or pad_to is None
+    fused = dict(fuse_state_dict(sd.items(), adapter, tied, pad))
+    zflora.fuse(model, pad_to=pad_to)
+
+    def zeros(t: torch.Tensor, dim: int) -> torch.Tensor:  # the padding's zero channels after z
+        return torch.cat([t, t.new_zeros(pad, t.shape[1]) if dim == 0 else t.new_zeros(t.shape[0], pad)], dim=dim)
 
     expected_names = set(sd) | ({"lm_head.weight"} if cfg.lm_head else set())
     expected_names |= {"model.zflora_A_in"} if cfg.expand_input else set()
     assert set(fused) == expected_names
     for name, t in fused.items():
         if name == "model.zflora_A_in":
-            want = model.model.embed_tokens.zflora_A_in
+            want = zeros(model.model.embed_tokens.zflora_A_in, 0)  # the HF embedding pads after A_in h instead
         elif name == "lm_head.weight":
             head = model.lm_head  # the HF model keeps the head unfused (it is the output merge)
-            want = head.weight if not cfg.lm_head else torch.cat([head.weight, cfg.scaling * head.zflora_B], dim=1)
+            want = head.weight
+            if cfg.lm_head:
+                want = zeros(torch.cat([head.weight, cfg.scaling * head.zflora_B], dim=1), 1)
         elif name == "model.embed_tokens.weight":
             want = model.model.embed_tokens.weight
         else:
@@ -79,12 +87,12 @@ def test_fuse_state_dict_equals_hf_fused_model(tmp_path, case):
             module = model.get_submodule(module_name)
             want = getattr(module, attr)
             if isinstance(module, HiddenReadLinear):  # untargeted input projection: zero columns for z
-                want = torch.cat([want, want.new_zeros(want.shape[0], cfg.r)], dim=1)
+                want = torch.cat([want, want.new_zeros(want.shape[0], cfg.r + pad)], dim=1)
         assert torch.equal(t, want.detach()), name
         if name.endswith(("q_proj.weight", "gate_proj.weight")):
-            assert t.shape[1] == d + cfg.r, name
+            assert t.shape[1] == d + cfg.r + pad, name
         if name.endswith(("o_proj.weight", "down_proj.weight", "norm.weight")):
-            assert t.shape[0] == d + cfg.r, name
+            assert t.shape[0] == d + cfg.r + pad, name
 
 
 def test_fuse_state_dict_biases_get_zeros_for_z(tmp_path):
@@ -139,7 +147,14 @@ def test_serve_dry_run_prints_the_vllm_command(tmp_path, capsys):
           "--", "--port", "8123"])  # fmt: skip
     out = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server" in out and "--port 8123" in out
-    assert ARCHITECTURE in out and "--served-model-name ad" in out
+    assert ARCHITECTURE in out and "--served-model-name ad" in out and PAD_FIELD not in out
+    main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--pad-to", "32", "--dry-run"])
+    assert f'"{PAD_FIELD}": 32' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="pad_to: must be a positive integer"):
+        main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--pad-to", "0",
+              "--dry-run"])  # fmt: skip
+    with pytest.raises(SystemExit, match="pad_to: pads a zFLoRA adapter's stream; name the adapter too"):
+        main(["serve", "--model", str(tmp_path / "base"), "--pad-to", "32", "--dry-run"])
     (tmp_path / "ad" / "adapter_config.json").write_text("{")
     with pytest.raises(SystemExit, match="zflora serve: .*not valid JSON"):
         main(["serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--dry-run"])
@@ -170,6 +185,83 @@ def test_serve_bench_without_vllm_says_how_to_get_it():
         pytest.skip("vLLM is installed here")
     with pytest.raises(SystemExit, match="make vllm-setup"):
         main(["serve-bench", "--layers", "1", "--no-progress"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(model=None), "model: serve-load needs a checkpoint with its tokenizer"), (dict(layers=2), "layers: "),
+     (dict(concurrency=()), "concurrency: must not be empty"), (dict(concurrency=(1, 0)), "concurrency: must be a"),
+     (dict(methods=("zflora",)), "methods: must include 'base'"), (dict(output_len=0), "output_len: must be a")],
+)  # fmt: skip
+def test_serve_load_config_validation(kwargs, match):
+    from zflora.bench.config import ServeLoadConfig
+
+    with pytest.raises(ValueError, match=match):
+        ServeLoadConfig(**kwargs)
+
+
+def test_serve_load_serves_each_method_on_loopback(tmp_path):
+    """One api_server command per method: the base alone, vLLM's LoRA under its own model name, and the zFLoRA
+    plugin with the adapter checked and named in the overrides; the client sends clients x requests."""
+    from zflora.bench.config import ServeLoadConfig
+    from zflora.bench.load import Server, client_args, server_command
+    from zflora.bench.vllm import prepare_checkpoints
+
+    save_base(tmp_path / "base")
+    cfg = ServeLoadConfig(model=tmp_path / "base", rank=4, concurrency=(1, 3), requests_per_client=2, pad_to=32)
+    paths = prepare_checkpoints(cfg, torch.float32, tmp_path)
+    cmds = {m: server_command(m, paths, cfg, "fp32", 8000 + i) for i, m in enumerate(("base", "lora", "zflora"))}
+    for m, cmd in cmds.items():
+        assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "--no-enable-prefix-caching" in cmd
+        assert cmd[cmd.index("--max-num-seqs") + 1] == "3" and cmd[cmd.index("--dtype") + 1] == "float32"
+        assert ("--enable-lora" in cmd) == (m == "lora") and ("--hf-overrides" in cmd) == (m == "zflora")
+    lora = cmds["lora"]
+    assert lora[lora.index("--lora-modules") + 1] == f"lora={paths['lora']}"
+    assert lora[lora.index("--max-lora-rank") + 1] == "8"  # vLLM's smallest rank bound above 4
+    assert lora[lora.index("--served-model-name") + 1] == "lora-base"  # requests name the adapter, "lora"
+    overrides = json.loads(cmds["zflora"][cmds["zflora"].index("--hf-overrides") + 1])
+    assert overrides == {"architectures": [ARCHITECTURE], ADAPTER_FIELD: str(paths["zflora"].resolve()), PAD_FIELD: 32}
+    assert cmds["zflora"][-2:] == ["--served-model-name", "zflora"]
+
+    server = Server.__new__(Server)  # the fields the client reads, no process
+    server.method, server.port = "lora", 8001
+    args = client_args(server, cfg, paths["base"], 3, tmp_path)
+    assert args[args.index("--num-prompts") + 1] == "6" and args[args.index("--max-concurrency") + 1] == "3"
+    assert args[args.index("--served-model-name") + 1] == "lora" and args[args.index("--base-url") + 1].endswith(
+        ":8001"
+    )
+
+
+def test_serve_load_a_server_that_dies_is_an_error_with_its_log(tmp_path):
+    from zflora.bench.load import Server
+
+    cmd = [sys.executable, "-c", "print('no such model'); raise SystemExit(3)", "--port", "1"]
+    server = Server("lora", cmd, tmp_path / "server-lora.log", kv_cache_gib=1)
+    with pytest.raises(RuntimeError, match=r"the lora server exited \(3\):\nno such model"):
+        server.wait_ready(timeout=60)
+    server.stop()
+
+
+def test_serve_load_reports_throughput_against_base():
+    """Throughput is reported as its inverse (ms per output token), so ratios and targets read like latency."""
+    from zflora.bench.load import check_targets, markdown
+    from zflora.bench.report import rows
+
+    phases = ("output", "ttft p50", "ttft p99", "itl p50", "itl p99")
+    per_method = {"base": {1: 10.0, 4: 5.0}, "zflora": {1: 10.2, 4: 5.5}}
+    samples = {m: {(p, 128, c): [v, v] for c, v in by.items() for p in phases} for m, by in per_method.items()}
+    result_rows = rows(samples)
+    targets = check_targets(result_rows)
+    assert [(t["met"], round(t["value"], 3)) for t in targets] == [(True, 1.02), (False, 1.1)]
+    result = {"settings": {"model": "/m/smollm2", "rank": 16, "targets": "all", "input_len": 128, "output_len": 64,
+                           "requests_per_client": 2, "repeats": 2, "warmup": 0, "concurrency": [1, 4]},
+              "environment": {"vllm": "0.32.0", "date": "today", "hardware": "x", "threads": 2, "dtype": "fp32",
+                              "torch": "2", "transformers": "5", "device": "cpu"},
+              "interleaved": True, "startup_s": {"base": 1.0, "zflora": 1.0}, "rows": result_rows,
+              "targets": targets}  # fmt: skip
+    text = markdown(result)
+    assert "| 4 | base | 200.0 | 5.0 | 5.0 | 5.0 | 5.0 |" in text
+    assert "| 4 | zflora | 181.8 (0.909x) | 5.5 (1.100x)" in text
 
 
 # --------------------------------------------------------------------------- vLLM parity
@@ -213,16 +305,17 @@ def vllm():
     return pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm)")
 
 
-@pytest.mark.parametrize("case", ["all", "mha-lm_head-tied"])
-def test_vllm_zflora_equals_hf_fused(vllm, tmp_path, case):
+@pytest.mark.parametrize(("case", "pad_to"), [("all", None), ("mha-lm_head-tied", None), ("mha-lm_head-tied", 32)])
+def test_vllm_zflora_equals_hf_fused(vllm, tmp_path, case, pad_to):
     kwargs, tied = CASES[case]
     model = save_base(tmp_path / "base", tied=tied)
     zflora.apply_zflora(model, zflora.ZFLoRAConfig(**kwargs))
     randomize_adapter(model, std=0.3)
     zflora.save_adapter(model, tmp_path / "ad")
-    zflora.fuse(model)
+    zflora.fuse(model, pad_to=pad_to)
     want = hf_tokens(model, PROMPTS, N_TOKENS)
-    got = vllm_tokens(tmp_path / "base", PROMPTS, N_TOKENS, hf_overrides(tmp_path / "ad", tmp_path / "base"))
+    overrides = hf_overrides(tmp_path / "ad", tmp_path / "base", pad_to)
+    got = vllm_tokens(tmp_path / "base", PROMPTS, N_TOKENS, overrides)
     assert got == want
     # The adapter changes the output: the comparison above is not the base model's tokens twice.
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
@@ -362,6 +455,32 @@ def test_serve_bench_runs_all_three_engines(vllm, tmp_path):
     assert set(result["decode_timing"]) == {"base", "lora", "zflora"}
     assert (out / "r.png").stat().st_size > 0 and "| batch 2: ms per output token" in (out / "r.md").read_text()
     assert not list(tmp_path.glob("zflora-serve-bench-*"))  # the checkpoints were cleaned up
+
+
+def test_serve_load_against_live_servers(vllm, tmp_path, stories_path):
+    """`zflora serve-load` on a tiny checkpoint with a tokenizer: three OpenAI servers under 1 and 2 clients,
+    every request completed, every measure reported, and no server left running."""
+    save_base(tmp_path / "base", vocab_size=512)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(stories_path / name, tmp_path / "base" / name)
+    out, before = tmp_path / "sl", vllm_processes()
+    main(["serve-load", "--model", str(tmp_path / "base"), "--rank", "4", "--dtype", "fp32", "--enforce-eager",
+          "--concurrency", "1,2", "--requests-per-client", "1", "--input-len", "16", "--output-len", "4",
+          "--repeats", "1", "--warmup", "0", "--workdir", str(tmp_path), "--no-progress",
+          "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--chart", str(out / "r.png")])  # fmt: skip
+    result = json.loads((out / "r.json").read_text())
+    phases = ("output", "ttft p50", "ttft p99", "itl p50", "itl p99")
+    keys = {(r["method"], r["phase"], r["batch"]) for r in result["rows"]}
+    assert keys == {(m, p, c) for m in ("base", "lora", "zflora") for p in phases for c in (1, 2)}
+    assert all(r["median_ms"] > 0 for r in result["rows"])
+    assert sorted((r["method"], r["concurrency"], r["completed"], r["total_output_tokens"]) for r in result["runs"]) \
+        == [(m, c, c, 4 * c) for m in ("base", "lora", "zflora") for c in (1, 2)]  # fmt: skip
+    assert "| 2 | zflora |" in (out / "r.md").read_text() and (out / "r.png").stat().st_size > 0
+    assert not list(tmp_path.glob("zflora-serve-load-*"))  # the adapters and the logs of a run that succeeded
+    deadline = time.time() + 30
+    while (left := vllm_processes() - before) and time.time() < deadline:
+        time.sleep(1)
+    assert not left, f"vLLM servers outlived serve-load: {left}"
 
 
 # --------------------------------------------------------------------------- refusals and faults

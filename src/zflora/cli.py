@@ -41,6 +41,10 @@ COMMANDS = {
                     "many adapters in one batch: stacked zFLoRA vs PEFT mixed-batch LoRA vs base"),
     "serve-bench": ("zflora.bench.config:ServeBenchConfig", "zflora.bench.vllm:main",
                     "serving latency in vLLM: base vs vLLM LoRA vs zFLoRA (needs vLLM)"),
+    "bench-engines": ("zflora.bench.config:EnginesConfig", "zflora.bench.engines:main",
+                      "one table across engines (eager, compile, ONNX Runtime, vLLM) and batch sizes, one model"),
+    "serve-load": ("zflora.bench.config:ServeLoadConfig", "zflora.bench.load:main",
+                   "vLLM's OpenAI server under concurrent clients: base vs vLLM LoRA vs zFLoRA (needs vLLM)"),
 }  # fmt: skip
 
 

@@ -64,11 +64,6 @@ def adapter_block(
     return scaling * m if kind == "in" else m
 
 
-def fused_weight(kind: Kind, weight: torch.Tensor, matrix: torch.Tensor | None, scaling: float, r: int) -> torch.Tensor:
-    """[W | s B] for kind "in", [W ; A] for kind "out"."""
-    return stacked_weight(kind, weight, [(matrix, scaling, r)])
-
-
 def stacked_weight(
     kind: Kind, weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor | None, float, int]]
 ) -> torch.Tensor:
@@ -87,7 +82,7 @@ def block_of(kind: Kind, fused: torch.Tensor, r: int, start: int | None = None) 
 
 
 def base_block(kind: Kind, fused: torch.Tensor, extra: int) -> torch.Tensor:
-    """The inverse of `fused_weight`: a view of W inside [W | s B] ("in") or [W ; A] ("out"), whose
+    """The inverse of `stacked_weight`: a view of W inside [W | s B] ("in") or [W ; A] ("out"), whose
     adapter block (and zero padding) is `extra` columns or rows wide."""
     return fused[:, :-extra] if kind == "in" else fused[:-extra]
 

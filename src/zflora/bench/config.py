@@ -169,6 +169,89 @@ class ServeBenchConfig(Outputs, ModelShape):
 
 
 @dataclass
+class ServeLoadConfig(Outputs, ModelShape):
+    """`zflora serve-load`: base vs vLLM LoRA vs the zFLoRA plugin behind vLLM's OpenAI server, under load from
+    concurrent clients (vLLM's own load generator), on a checkpoint with a tokenizer."""
+
+    model: Path | None = field(
+        default=Path("smollm2-135m-instruct"),
+        metadata={"help": "a local checkpoint with its tokenizer, or a fetched model's name"},
+    )
+    rank: int = 16
+    targets: str = field(default="all", metadata={"help": "projections, the same for LoRA and zFLoRA",
+                                                  "choices": ("all", "mha")})  # fmt: skip
+    concurrency: tuple[int, ...] = field(default=(1, 4, 16), metadata={"help": "concurrent clients (one run each)"})
+    requests_per_client: int = field(default=4, metadata={"help": "requests per client in a run"})
+    input_len: int = field(default=128, metadata={"help": "prompt tokens per request (random, the same for all)"})
+    output_len: int = field(default=64, metadata={"help": "output tokens per request (EOS ignored)"})
+    repeats: int = 3
+    warmup: int = field(default=1, metadata={"help": "untimed rounds first"})
+    methods: tuple[str, ...] = SERVE_METHODS
+    enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile / CUDA graphs (all servers)"})
+    pad_to: int | None = field(default=None, metadata={"help": "zFLoRA's stream widened with zero channels to a "
+                                                               "multiple of N (a faster GEMM width)"})  # fmt: skip
+    kv_cache_gib: int = field(default=1, metadata={"help": "CPU: each server's KV cache (VLLM_CPU_KVCACHE_SPACE)"})
+    startup_timeout: int = field(default=900, metadata={"help": "seconds a server may take to answer /health"})
+    workdir: Path | None = field(default=None, metadata={"help": "where to write the adapters and server logs"})
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            raise ValueError("model: serve-load needs a checkpoint with its tokenizer (the OpenAI server takes "
+                             "text), e.g. --model smollm2-135m-instruct")  # fmt: skip
+        if self.layers is not None:
+            raise ValueError("layers: serve-load serves the whole checkpoint")
+        check_common(self, SERVE_METHODS, ("rank", "requests_per_client", "input_len", "output_len", "repeats",
+                                           "kv_cache_gib", "startup_timeout"), ("concurrency",))  # fmt: skip
+        if self.targets not in ("all", "mha"):
+            raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
+        if self.pad_to is not None:
+            positive_int("pad_to", self.pad_to)
+
+
+# `zflora bench-engines`: the engines it compares, each run by its own benchmark in a process of its own.
+ENGINE_RUNS = ("eager", "compile", "onnxruntime", "vllm")
+
+
+@dataclass
+class EnginesConfig(Outputs, ModelShape):
+    """`zflora bench-engines`: one table of base, merged and unmerged LoRA, zFLoRA and zFLoRA-MHA in every engine
+    (eager transformers, torch.compile, ONNX Runtime, vLLM) at several batch sizes, from one command."""
+
+    rank: int = 16
+    engines: tuple[str, ...] = field(
+        default=(), metadata={"help": f"from {','.join(ENGINE_RUNS)} (default: every engine installed)"}
+    )
+    batches: tuple[int, ...] = field(default=(1, 8), metadata={"help": "batch sizes (one run per engine and batch)"})
+    precisions: tuple[str, ...] = field(default=("fp32", "int8"), metadata={"help": "ONNX Runtime precisions"})
+    prompt_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "time-to-first-token prompt lengths"})
+    decode_context: int = field(default=512, metadata={"help": "KV-cache length for the decode steps"})
+    decode_steps: int = field(default=8, metadata={"help": "timed decode steps per repetition and method"})
+    repeats: int = 3
+    warmup: int = field(default=1, metadata={"help": "untimed repetitions first"})
+    vllm_python: Path | None = field(default=None, metadata={"help": "the Python of an environment with vLLM "
+                                                                     "(default: this one if it has vLLM, else "
+                                                                     ".venv-vllm/bin/python if present)"})  # fmt: skip
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: all cores)"})
+
+    def __post_init__(self) -> None:
+        if bad := [e for e in self.engines if e not in ENGINE_RUNS]:
+            raise ValueError(f"engines: from {', '.join(ENGINE_RUNS)}, got {bad}")
+        if bad := [p for p in self.precisions if p not in ONNX_PRECISIONS] or not self.precisions:
+            raise ValueError(f"precisions: from {', '.join(ONNX_PRECISIONS)}, got {bad or 'none'}")
+        onnx = not self.engines or "onnxruntime" in self.engines
+        if onnx and self.dtype not in ("auto", "fp32"):  # every engine honours the dtype or the run is refused
+            raise ValueError(f"dtype: ONNX Runtime runs fp32 (and int8 / int4), not {self.dtype}; choose --engines "
+                             "without onnxruntime, or --dtype auto / fp32")  # fmt: skip
+        self.methods = ONNX_METHODS
+        integers = ("rank", "decode_context", "decode_steps", "repeats")
+        check_common(self, E2E_METHODS, integers, ("batches", "prompt_lens"))
+        if self.threads is not None:
+            positive_int("threads", self.threads)
+        if self.vllm_python is not None and not Path(self.vllm_python).is_file():
+            raise ValueError(f"vllm_python: {self.vllm_python} is not a file")
+
+
+@dataclass
 class MixedBenchConfig(Outputs, ModelShape):
     """`zflora mixed-bench`: one batch of requests for k different adapters; stacked zFLoRA vs PEFT's
     mixed-batch LoRA (`adapter_names=`) vs the base model, in Hugging Face transformers."""

@@ -54,7 +54,7 @@ def max_model_len(cfg: ServeBenchConfig) -> int:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def prepare_checkpoints(cfg: ServeBenchConfig, dtype: torch.dtype, root: Path) -> dict[str, Path]:
+def prepare_checkpoints(cfg: Any, dtype: torch.dtype, root: Path) -> dict[str, Path]:
     """Write the base checkpoint (for a preset), a PEFT LoRA adapter and a zFLoRA adapter, all non-zero."""
     if cfg.model is not None:
         base_dir = require_local(cfg.model)
@@ -149,13 +149,15 @@ def measure(engine: Engine, cfg: ServeBenchConfig, rng: random.Random, out: dict
         out["batch", DECODE_PROMPT, b].append(ms / (b * cfg.batch_tokens))  # wall ms per output token
 
 
-def _fit_together(cfg: ServeBenchConfig, base: Path) -> bool:
-    """Whether one engine per method fits in memory at once (weights, plus the KV cache on a CPU)."""
+def fit_together(cfg: Any, base: Path, process_gib: float = 0.0) -> bool:
+    """Whether one engine per method in `cfg.methods` fits in memory at once: weights, plus on a CPU the KV
+    cache (VLLM_CPU_KVCACHE_SPACE) and `process_gib` per engine that runs as a process of its own."""
     weights = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     if torch.cuda.is_available():
         return len(cfg.methods) * weights * 1.2 < 0.5 * available_bytes(torch.device("cuda"))
     kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * (1 << 30)
-    return len(cfg.methods) * (weights * 1.1 + kv) < 0.8 * available_bytes(torch.device("cpu"))
+    per_engine = weights * 1.1 + kv + process_gib * (1 << 30)
+    return len(cfg.methods) * per_engine < 0.8 * available_bytes(torch.device("cpu"))
 
 
 class Rounds:
@@ -207,7 +209,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     rounds = Rounds(cfg, bar)
     with tempfile.TemporaryDirectory(prefix="zflora-serve-bench-", dir=cfg.workdir) as tmp:
         paths = prepare_checkpoints(cfg, torch_dtype(dtype), Path(tmp))
-        together = _fit_together(cfg, paths["base"])
+        together = fit_together(cfg, paths["base"])
         rounds.interleaved(paths, dtype) if together else rounds.one_at_a_time(paths, dtype)
     bar.close()
     result_rows = rows(rounds.samples)

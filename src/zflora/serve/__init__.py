@@ -37,6 +37,7 @@ from ..adapter_io import (
     checkpoint_fingerprint,
     read_adapter,
 )
+from ..config import positive_int
 from ..models import meta_model, require_local
 from ..transform import UnsupportedModelError, apply_zflora
 from .config import ServeConfig
@@ -44,6 +45,7 @@ from .config import ServeConfig
 ARCHITECTURE = "ZFLoRALlamaForCausalLM"
 MODEL_CLASS = "zflora.serve.vllm_model:ZFLoRALlamaForCausalLM"
 ADAPTER_FIELD = "zflora_adapter"  # the config override that names the adapter directory
+PAD_FIELD = "zflora_pad_to"  # the config override that pads the stream (`zflora.fuse(model, pad_to=...)`)
 CPU_KVCACHE_GIB = 4  # zflora serve's KV cache on a CPU unless VLLM_CPU_KVCACHE_SPACE says otherwise
 MODEL_TYPES = ("llama",)  # vLLM's LlamaForCausalLM layers; other families have their own vLLM classes
 
@@ -92,12 +94,18 @@ def read_for_config(config: Any, path: str | os.PathLike, base: str | os.PathLik
     return adapter
 
 
-def hf_overrides(adapter: str | os.PathLike, model: str | os.PathLike | None = None) -> dict[str, Any]:
+def hf_overrides(
+    adapter: str | os.PathLike, model: str | os.PathLike | None = None, pad_to: int | None = None
+) -> dict[str, Any]:
     """vLLM `hf_overrides` that serve base checkpoint `model` with the zFLoRA adapter in directory `adapter`.
 
     With `model`, the adapter is checked against the base's config.json first, so a
-    mismatch is reported here rather than inside a vLLM worker.
+    mismatch is reported here rather than inside a vLLM worker. With `pad_to`, the fused
+    stream is widened with zero channels to a multiple of it, as `zflora.fuse(model, pad_to=...)`
+    does (a GEMM width the kernel runs faster; the function is unchanged).
     """
+    if pad_to is not None:
+        positive_int("pad_to", pad_to)
     path = Path(adapter).resolve()
     if model is not None:
         from transformers import AutoConfig
@@ -106,7 +114,7 @@ def hf_overrides(adapter: str | os.PathLike, model: str | os.PathLike | None = N
         read_for_config(AutoConfig.from_pretrained(base, local_files_only=True), path, base)
     else:
         read_adapter(path)
-    return {"architectures": [ARCHITECTURE], ADAPTER_FIELD: str(path)}
+    return {"architectures": [ARCHITECTURE], ADAPTER_FIELD: str(path)} | ({PAD_FIELD: pad_to} if pad_to else {})
 
 
 def vllm_available() -> bool:
@@ -125,12 +133,14 @@ def require_vllm() -> None:
         )
 
 
-def serve_command(model: str, adapter: str | None, vllm_args: list[str]) -> list[str]:
+def serve_command(model: str, adapter: str | None, vllm_args: list[str], pad_to: int | None = None) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server for base `model` (+ zFLoRA `adapter`)."""
     base = require_local(model)  # a fetched model's name, as every command takes; checked with or without adapter
+    if pad_to is not None and adapter is None:
+        raise ValueError("pad_to: pads a zFLoRA adapter's stream; name the adapter too")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base.resolve())]
     if adapter is not None:
-        overrides = hf_overrides(adapter, base)
+        overrides = hf_overrides(adapter, base, pad_to)
         cmd += ["--hf-overrides", json.dumps(overrides)]
         if "--served-model-name" not in vllm_args:
             cmd += ["--served-model-name", Path(adapter).resolve().name]
@@ -140,7 +150,8 @@ def serve_command(model: str, adapter: str | None, vllm_args: list[str]) -> list
 def main(cfg: ServeConfig) -> None:
     """`zflora serve`: check the adapter, then run vLLM's server (its exit code is ours)."""
     try:
-        cmd = serve_command(str(cfg.model), None if cfg.adapter is None else str(cfg.adapter), cfg.vllm_args)
+        cmd = serve_command(str(cfg.model), None if cfg.adapter is None else str(cfg.adapter), cfg.vllm_args,
+                            cfg.pad_to)  # fmt: skip
     except UnsupportedModelError as e:
         raise ValueError(str(e)) from None
     if cfg.dry_run:

@@ -2,8 +2,9 @@
 
 The decoder layers are vLLM's `LlamaDecoderLayer`, built from a copy of the
 model config whose `hidden_size` is d + r (with `head_dim` pinned, so attention
-is unchanged). That makes every projection the fused zFLoRA one with vLLM's own
-parallel layers, so tensor parallelism works as for LLaMA:
+is unchanged; r includes the zero channels of `hf_overrides(..., pad_to=N)`).
+That makes every projection the fused zFLoRA one with vLLM's own parallel
+layers, so tensor parallelism works as for LLaMA:
 
     qkv_proj      QKVParallelLinear(d + r -> q, k, v)        [W | s B] per shard
     gate_up_proj  MergedColumnParallelLinear(d + r -> 2 I)   [W | s B] per shard
@@ -35,8 +36,9 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, maybe_prefix
 
 from ..config import ZFLoRAConfig
+from ..fusion import padding
 from ..models import head_dim
-from . import ADAPTER_FIELD, ARCHITECTURE, read_for_config, read_once
+from . import ADAPTER_FIELD, ARCHITECTURE, PAD_FIELD, read_for_config, read_once
 from .checkpoint import fuse_state_dict
 
 
@@ -48,6 +50,12 @@ def _zflora_config(hf_config: Any) -> ZFLoRAConfig:
             "pass hf_overrides=zflora.serve.hf_overrides(ADAPTER, BASE) to vllm.LLM, or use `zflora serve`"
         )
     return read_once(str(path)).config  # every decoder layer asks while the model is built
+
+
+def _width(hf_config: Any) -> int:
+    """The channels the stream carries after h: the adapter's r and any zero padding (`PAD_FIELD`)."""
+    r = _zflora_config(hf_config).r
+    return r + padding(hf_config.hidden_size, r, getattr(hf_config, PAD_FIELD, None))
 
 
 def _stream_norm(hf_config: Any, r: int) -> RMSNorm:
@@ -64,7 +72,7 @@ class ZFLoRADecoderLayer(LlamaDecoderLayer):
         attn_layer_type: type[nn.Module] = LlamaAttention,
     ) -> None:
         base = config or vllm_config.model_config.hf_config
-        r = _zflora_config(base).r
+        r = _width(base)
         stream = copy.deepcopy(base)
         stream.head_dim = head_dim(base)
         stream.hidden_size = base.hidden_size + r
@@ -78,7 +86,7 @@ class ZFLoRALlamaModel(LlamaModel):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         config = vllm_config.model_config.hf_config
         zcfg = _zflora_config(config)
-        self.d, self.r, self.lm_head_reads_z = config.hidden_size, zcfg.r, zcfg.lm_head
+        self.d, self.r, self.lm_head_reads_z = config.hidden_size, _width(config), zcfg.lm_head  # r: with padding
         if get_pp_group().is_last_rank:
             self.norm = _stream_norm(config, self.r)
         self.zflora_A_in = nn.Parameter(torch.empty(self.r, self.d), requires_grad=False) if zcfg.expand_input else None
@@ -118,14 +126,15 @@ class ZFLoRALlamaForCausalLM(LlamaForCausalLM):
         if adapter.config.lm_head and get_pp_group().is_last_rank:
             # The head reads [h ; z] with [W | s B]: its own weight even when the base ties it.
             self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size + adapter.config.r, prefix=maybe_prefix(prefix, "lm_head")
+                config.vocab_size, config.hidden_size + _width(config), prefix=maybe_prefix(prefix, "lm_head")
             )
 
     def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type: type[nn.Module] = ZFLoRADecoderLayer):
         return ZFLoRALlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        fused = fuse_state_dict(weights, self.zflora_adapter, bool(self.config.tie_word_embeddings))
+        pad = _width(self.config) - self.zflora_adapter.config.r
+        fused = fuse_state_dict(weights, self.zflora_adapter, bool(self.config.tie_word_embeddings), pad)
         loaded = super().load_weights(fused)
         self.zflora_adapter = None
         return loaded
