@@ -97,9 +97,8 @@ def run_one(cmd: list[str], log: Path) -> dict[str, Any]:
     with open(log, "w") as f:
         process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return {"command": shlex.join(cmd), "returncode": process.returncode, "seconds": time.perf_counter() - started,
-            "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip
+    return {"command": shlex.join(cmd), "returncode": os.waitstatus_to_exitcode(status),
+            "seconds": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}  # fmt: skip
 
 
 def engine_rows(engine: str, result: dict[str, Any]) -> list[dict[str, Any]]:

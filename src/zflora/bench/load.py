@@ -216,13 +216,12 @@ def run(cfg: ServeLoadConfig) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = auto_dtype(cfg.dtype, device)
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)  # what fit_together reads
     bar = tqdm(total=(cfg.warmup + cfg.repeats) * len(cfg.methods), desc="serve-load", disable=not cfg.progress)
     logs = Path(tempfile.mkdtemp(prefix="zflora-serve-load-logs-", dir=cfg.workdir))
     with tempfile.TemporaryDirectory(prefix="zflora-serve-load-", dir=cfg.workdir) as tmp:
         paths = prepare_checkpoints(cfg, torch_dtype(dtype), Path(tmp))
         rounds = Rounds(cfg, paths, logs, bar)
-        together = fit_together(cfg, paths["base"], process_gib=2.0)
+        together = fit_together(cfg, paths["base"], cfg.kv_cache_gib, process_gib=2.0)
         try:
             rounds.interleaved(dtype) if together else rounds.one_at_a_time(dtype)
         except RuntimeError as e:

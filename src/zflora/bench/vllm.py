@@ -149,14 +149,13 @@ def measure(engine: Engine, cfg: ServeBenchConfig, rng: random.Random, out: dict
         out["batch", DECODE_PROMPT, b].append(ms / (b * cfg.batch_tokens))  # wall ms per output token
 
 
-def fit_together(cfg: Any, base: Path, process_gib: float = 0.0) -> bool:
-    """Whether one engine per method in `cfg.methods` fits in memory at once: weights, plus on a CPU the KV
-    cache (VLLM_CPU_KVCACHE_SPACE) and `process_gib` per engine that runs as a process of its own."""
+def fit_together(cfg: Any, base: Path, kv_cache_gib: float, process_gib: float = 0.0) -> bool:
+    """Whether one engine per method in `cfg.methods` fits in memory at once: weights, plus on a CPU each
+    engine's KV cache and `process_gib` per engine that runs as a process of its own."""
     weights = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     if torch.cuda.is_available():
         return len(cfg.methods) * weights * 1.2 < 0.5 * available_bytes(torch.device("cuda"))
-    kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")) * (1 << 30)
-    per_engine = weights * 1.1 + kv + process_gib * (1 << 30)
+    per_engine = weights * 1.1 + (kv_cache_gib + process_gib) * (1 << 30)
     return len(cfg.methods) * per_engine < 0.8 * available_bytes(torch.device("cpu"))
 
 
@@ -209,7 +208,7 @@ def run(cfg: ServeBenchConfig) -> dict[str, Any]:
     rounds = Rounds(cfg, bar)
     with tempfile.TemporaryDirectory(prefix="zflora-serve-bench-", dir=cfg.workdir) as tmp:
         paths = prepare_checkpoints(cfg, torch_dtype(dtype), Path(tmp))
-        together = fit_together(cfg, paths["base"])
+        together = fit_together(cfg, paths["base"], float(os.environ["VLLM_CPU_KVCACHE_SPACE"]))
         rounds.interleaved(paths, dtype) if together else rounds.one_at_a_time(paths, dtype)
     bar.close()
     result_rows = rows(rounds.samples)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from ..adapter_io import Adapter
-from ..fusion import adapter_tensor, fused_bias, fused_gain, kind_of, stacked_weight
+from ..fusion import Kind, adapter_tensor, fused_bias, fused_gain, kind_of, stacked_weight
 
 _PROJECTION = re.compile(r"(model\.layers\.\d+\.(?:self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj)\.(weight|bias)")
 _NORM = re.compile(r"model\.(?:layers\.\d+\.(?:input|post_attention)_layernorm|norm)\.weight")
@@ -31,10 +31,10 @@ def fuse_state_dict(
     """
     cfg, t = adapter.config, adapter.tensors
     r, s = cfg.r, cfg.scaling
-    zeros = [(None, 0.0, pad)] if pad else []
+    zeros: list[tuple[torch.Tensor | None, float, int]] = [(None, 0.0, pad)] if pad else []
 
-    def fused(kind: str, w: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
-        return stacked_weight(kind, w, [(matrix, s, r), *zeros])  # type: ignore[arg-type]
+    def fused(kind: Kind, w: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
+        return stacked_weight(kind, w, [(matrix, s, r), *zeros])
 
     for name, w in weights:
         if m := _PROJECTION.fullmatch(name):
