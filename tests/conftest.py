@@ -38,16 +38,24 @@ ARCHS = {
 
 
 def tiny_model(
-    arch: str = "llama", *, tie: bool = False, layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0
+    arch: str = "llama",
+    *,
+    tie: bool = False,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    hidden: int = 48,
+    mlp: int = 80,
 ) -> torch.nn.Module:
-    """A random LLaMA-family causal LM: d=48, 6 heads of 8, 2 KV heads (GQA), MLP 80, vocab 97."""
+    """A random LLaMA-family causal LM: d=48, 6 heads of 8, 2 KV heads (GQA), MLP 80, vocab 97 (by default;
+    `hidden` sets d, in heads of 8)."""
     config_cls, model_cls = ARCHS[arch]
     cfg = config_cls(
         vocab_size=97,
-        hidden_size=48,
-        intermediate_size=80,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=layers,
-        num_attention_heads=6,
+        num_attention_heads=hidden // 8,
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=128,
@@ -144,9 +152,9 @@ def hf_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[np.n
 
     cache, out = {cache_kwarg(model): DynamicCache(config=model.config)}, []
     with torch.no_grad():
-        out.append(model(ids, use_cache=True, **cache).logits.numpy())
+        out.append(model(ids, use_cache=True, **cache).logits.float().numpy())
         for t in range(steps):
-            out.append(model(ids[:, t : t + 1], use_cache=True, **cache).logits.numpy())
+            out.append(model(ids[:, t : t + 1], use_cache=True, **cache).logits.float().numpy())
     return out
 
 

@@ -90,6 +90,39 @@ def test_bench_config_validation(kwargs, match):
         BenchConfig(**kwargs)
 
 
+def test_bench_int4_quantizes_every_method_and_times_the_swap():
+    from zflora.bench import hf
+    from zflora.weight_only import available
+
+    if not available():
+        pytest.skip("this torch has no int4 CPU kernel")
+    pytest.importorskip("onnxruntime")
+    cfg = BenchConfig(preset="tiny", rank=8, prompt_lens=(8,), decode_context=8, decode_steps=1, repeats=1,
+                      warmup=0, quantize="int4", dtype="bf16", progress=False)  # fmt: skip
+    assert cfg.methods == ("base", "lora-merged", "zflora")
+    result = hf.run(cfg)
+    assert {r["method"] for r in result["end_to_end"]} == set(cfg.methods)
+    assert {r["method"] for r in result["switch"]} == {"zflora"}  # a merged LoRA switches by quantizing again
+    for m in cfg.methods:
+        info = result["memory"][m]
+        assert info["quantize_s"] > 0 and info["bytes"]["packed"] > 0
+    assert result["memory"]["zflora"]["bytes"]["swap_writes"] > 0 == result["memory"]["base"]["bytes"]["swap_writes"]
+    assert "int4 weight-only" in hf.markdown(result)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"quantize": "int4", "compile": True}, "quantize: the transformers engine's"),
+        ({"quantize": "int4", "pad_to": 32}, "quantize: the transformers engine's"),
+        ({"quantize": "int4", "methods": ("base", "lora")}, "methods: --quantize int4 runs"),
+    ],
+)
+def test_bench_int4_settings_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**kwargs)
+
+
 def test_bench_cli_reports_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="not a local checkpoint directory"):
         main(["bench", "--model", str(tmp_path / "nope"), "--no-progress"])

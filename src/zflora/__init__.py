@@ -3,7 +3,8 @@
 The core: `config` (ZFLoRAConfig), `modules` (the zFLoRA modules), `fusion` (the
 fused layout), `transform` (apply_zflora, fuse, unfuse), `adapter_io` (adapter
 files), `methods` (every fine-tuning method behind one call), `stacking` (many
-adapters in one batch, routed per row). The jobs built on it, each a subpackage:
+adapters in one batch, routed per row), `quantization` (the int8 / int4 block
+format) and `weight_only` (int4 inference in PyTorch, adapter-only swaps). The jobs built on it, each a subpackage:
 `bench`, `finetune`, `serve`. Names below are imported on first use, so `import
 zflora` (and the `zflora` command's help) stays fast.
 """

@@ -40,6 +40,7 @@ from .fusion import adapter_tensor
 from .models import head_dim, meta_model
 from .modules import FusedLinear
 from .transform import adapter_parameters, apply_zflora, is_zflora
+from .weight_only import QuantizedFusedLinear, QuantizedLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,14 +91,19 @@ def _leading(t: torch.Tensor) -> list[float]:
     return (t[0] if t.dim() > 1 else t).detach()[:FINGERPRINT_VALUES].float().cpu().tolist()
 
 
+def _base_weight(projection: nn.Module) -> torch.Tensor:
+    """A projection's weight, or for an int4 one its fp32 weight's leading values (its first row)."""
+    return projection.leading[None] if isinstance(projection, QuantizedLinear) else projection.weight
+
+
 def base_fingerprint(model: nn.Module) -> dict[str, list[float]] | None:
     """The leading values of the `fingerprinted` base tensors: cheap, the same in either zFLoRA form and,
     within rounding, in any dtype. None for a model on the meta device."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     tensors = {"embed_tokens": inner.model.embed_tokens.weight, "norm": inner.model.norm.weight}
     for i, layer in enumerate(inner.model.layers):
-        tensors[f"layers.{i}.q_proj"] = layer.self_attn.q_proj.weight
-        tensors[f"layers.{i}.down_proj"] = layer.mlp.down_proj.weight
+        tensors[f"layers.{i}.q_proj"] = _base_weight(layer.self_attn.q_proj)
+        tensors[f"layers.{i}.down_proj"] = _base_weight(layer.mlp.down_proj)
     if any(t.is_meta for t in tensors.values()):
         return None
     return {k: _leading(t) for k, t in tensors.items()}
@@ -359,7 +365,7 @@ def set_adapter(model: nn.Module, adapter: Adapter, check_base: bool = True) -> 
         params[name].copy_(t)
     model.zflora_config.alpha = adapter.config.alpha  # the one place every module reads the scale from
     for m in model.modules():
-        if isinstance(m, FusedLinear):
+        if isinstance(m, (FusedLinear, QuantizedFusedLinear)):  # the adapter's block (bytes) only
             m.refresh_adapter()
     return model
 

@@ -17,7 +17,7 @@ PRESETS: dict[str, dict] = {
     ),
     # A few-second shape for smoke tests.
     "tiny": dict(
-        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=8,
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=4, head_dim=8, vocab_size=512, tie_word_embeddings=True,
     ),
 }  # fmt: skip

@@ -189,6 +189,9 @@ def unfuse(model: nn.Module) -> nn.Module:
     """Back to the training form; base weights and adapter matrices are restored exactly. Idempotent."""
     if not is_fused(model):
         return model
+    if getattr(model, "zflora_quantization", None) is not None:
+        raise ValueError("a quantized model (zflora.weight_only.quantize) has no fp32 base weights to unfuse to; "
+                         "load the base again for training")  # fmt: skip
     for name, m in _layer_modules(model):
         if isinstance(m, FusedRMSNorm):
             gain = nn.Parameter(unfused(m.weight.detach(), m.r).clone(), requires_grad=False)

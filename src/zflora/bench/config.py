@@ -14,6 +14,7 @@ E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha"
 HEADLINE_METHODS = ("base", "lora", "zflora")
 COMPILE_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --compile`
 ONNX_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --engine onnxruntime`
+INT4_METHODS = ("base", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --quantize int4` (PyTorch's kernel)
 ONNX_PRECISIONS = ("fp32", "int8", "int4", "int8-dynamic")
 ENGINES = ("transformers", "onnxruntime")
 # `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
@@ -101,6 +102,10 @@ class BenchConfig(Outputs, ModelShape):
     accuracy_level: int | None = field(default=None, metadata={"help": "onnxruntime int8 / int4: MatMulNBits "
                                                                        "accuracy_level (default: 4 for int8, 1 "
                                                                        "for int4)"})  # fmt: skip
+    quantize: str | None = field(default=None, metadata={"choices": ("int4",), "help": "transformers: every "
+                                                         "method's projections int4 weight-only on PyTorch's CPU "
+                                                         "kernel (zflora.weight_only), activations in --dtype; "
+                                                         f"methods from {','.join(INT4_METHODS)}"})  # fmt: skip
     compile: bool = field(default=False, metadata={"help": "every method compiled (zflora.compile); compile time and "
                                                            "adapter swaps under compile"})  # fmt: skip
     freeze: bool = field(default=False, metadata={"help": "with --compile: inductor weight freezing (no swaps)"})
@@ -133,7 +138,16 @@ class BenchConfig(Outputs, ModelShape):
             raise ValueError(f"precisions: from {', '.join(ONNX_PRECISIONS)}, got {bad or 'none'}")
         if onnx and (bad := [m for m in self.methods if m not in ONNX_METHODS]):
             raise ValueError(f"methods: onnxruntime runs {', '.join(ONNX_METHODS)}; got {bad}")
+        if self.quantize is not None:
+            if onnx or self.compile or self.full or self.pad_to is not None:
+                raise ValueError(
+                    "quantize: the transformers engine's end-to-end comparison only (no --engine "
+                    "onnxruntime, --compile, --full or --pad-to: quantize pads the stream itself)"
+                )
+            if bad := [m for m in self.methods if m not in INT4_METHODS]:
+                raise ValueError(f"methods: --quantize int4 runs {', '.join(INT4_METHODS)}; got {bad}")
         default = ONNX_METHODS if onnx else COMPILE_METHODS if self.compile else HEADLINE_METHODS
+        default = ("base", "lora-merged", "zflora") if self.quantize else default
         self.methods = tuple(self.methods) or default
         check_common(
             self, E2E_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"),

@@ -13,7 +13,9 @@ together, else measured one at a time.
 
 from __future__ import annotations
 
+import copy
 import gc
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -21,13 +23,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import weight_only
 from ..charts import figure, save_figure
 from ..config import check_alpha
 from ..hardware import auto_dtype, describe_machine, environment
 from ..models import torch_dtype
 from ..transform import adapter_parameters
 from . import compiled, projection, switch
-from .common import Runner, base_model, build_method, empty_samples, measure_round, phase_label
+from .common import Runner, base_model, build_method, empty_samples, inference_state, measure_round, phase_label
 from .config import BenchConfig
 from .harness import Timer, available_bytes, model_bytes, pick_device, rotated
 from .report import bar_chart, md_table, rows, target, targets_table, write_outputs
@@ -52,9 +55,23 @@ class Study:
         self.info: dict[str, dict[str, Any]] = {}
         self.switch: list[dict] = []
         self.compiled: dict[str, dict[str, Any]] = {}
+        self.quantize_s: dict[str, float] = {}
 
     def make_base(self) -> nn.Module:
-        return base_model(self.cfg, self.dtype, self.device)
+        return base_model(self.cfg, torch.float32 if self.cfg.quantize else self.dtype, self.device)
+
+    def build(self, base: nn.Module, method: str, keep_base: bool) -> nn.Module:
+        """`build_method`, then with --quantize int4 every method quantized from its own fp32 model (LoRA merged
+        and unloaded first), activations in the benchmark's dtype; the seconds that took are recorded."""
+        if not self.cfg.quantize:
+            return build_method(base, method, self.cfg, keep_base)
+        model = build_method(copy.deepcopy(base) if keep_base else base, method, self.cfg, keep_base=False)
+        if method == "lora-merged":
+            model = model.merge_and_unload()
+        started = time.perf_counter()
+        weight_only.quantize(model, dtype=self.dtype)
+        self.quantize_s[method] = time.perf_counter() - started
+        return inference_state(model)
 
     def fits_together(self, base: nn.Module) -> bool:
         own_copies = sum(m in ("lora-merged", "zflora", "zflora-mha") for m in self.cfg.methods)
@@ -67,7 +84,7 @@ class Study:
     def interleaved(self, base: nn.Module) -> None:
         """Every model alive at once; each repetition visits every method in rotating order."""
         cfg = self.cfg
-        models = {m: build_method(base, m, cfg, keep_base=True) for m in cfg.methods}
+        models = {m: self.build(base, m, keep_base=True) for m in cfg.methods}
         runners = {m: self.prepare(m, models[m]) for m in cfg.methods}
         for rep in range(cfg.warmup + cfg.repeats):
             for m in rotated(list(cfg.methods), rep):
@@ -77,6 +94,8 @@ class Study:
     def prepare(self, method: str, model: nn.Module) -> Runner:
         """Describe the model, compile it (--compile; its first run of every shape is timed), fill its cache."""
         self.info[method] = describe(method, model)
+        if method in self.quantize_s:
+            self.info[method] |= {"quantize_s": self.quantize_s[method], "bytes": weight_only.quantized_bytes(model)}
         runner = Runner(model, self.cfg, self.device)
         if self.cfg.compile:
             compiled.compile_models({method: model}, self.cfg.rank, self.cfg.freeze)
@@ -85,6 +104,8 @@ class Study:
         return runner
 
     def swaps(self, models: dict[str, nn.Module], runners: dict[str, Runner]) -> None:
+        if self.cfg.quantize:  # a merged LoRA on an int4 base switches by quantizing again (quantize_s)
+            models = {m: v for m, v in models.items() if m == "zflora"}
         if self.cfg.compile:
             self.switch += compiled.swap_rows(models, runners, self.cfg, self.timer)
         else:
@@ -94,7 +115,7 @@ class Study:
         """Models too big to live together: build, measure and free each method in turn."""
         cfg = self.cfg
         for m in cfg.methods:
-            model = build_method(base if base is not None else self.make_base(), m, cfg, keep_base=False)
+            model = self.build(base if base is not None else self.make_base(), m, keep_base=False)
             base = None
             runner = self.prepare(m, model)
             for rep in range(cfg.warmup + cfg.repeats):
@@ -148,6 +169,9 @@ def markdown(result: dict[str, Any]) -> str:
     env, st = result["environment"], result["settings"]
     layout = "" if st["interleaved_methods"] else " (methods measured one at a time: too big to fit together)"
     pad = f" (zFLoRA's stream padded to a multiple of {st['pad_to']})" if st.get("pad_to") else ""
+    if st.get("quantize"):
+        pad = (f"; every projection int4 weight-only (blocks of 32 along K, PyTorch's "
+               f"_weight_int4pack_mm_for_cpu), activations {st['dtype']}")  # fmt: skip
     lines = [f"**{st['model'] or st['preset']}** shape, {st['layers']} layers, d = {st['hidden_size']}, "
              f"r = {st['rank']}{pad}, batch {st['batch']}; {describe_machine(env)}, peft {env['peft']}; "
              f"median of {st['repeats']} repetitions after {st['warmup']} warm-up{layout}", ""]  # fmt: skip
