@@ -10,7 +10,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import zflora
 from zflora.adapter_io import AdapterError, checkpoint_fingerprint
+from zflora.bench.harness import free_port
 from zflora.cli import main
 from zflora.modules import HiddenReadLinear
 from zflora.registry import MARKER
@@ -378,9 +378,7 @@ def test_zflora_serve_answers_openai_completions(vllm, tmp_path, stories_path):
     prompt = "Once upon a time"
     want = hf_tokens(model, [AutoTokenizer.from_pretrained(tmp_path / "base")(prompt).input_ids], 16)[0]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     zflora_cmd = Path(sys.executable).with_name("zflora")
     cmd = [str(zflora_cmd), "serve", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "my-task"),
            "--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",

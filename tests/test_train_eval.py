@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import zflora
+from zflora.bench.harness import free_port
 from zflora.cli import main
 from zflora.finetune.config import TrainConfig
 from zflora.finetune.data import DataError, load_examples
@@ -166,16 +167,12 @@ def test_train_options(stories_path, task_file, tmp_path, options):
 def test_two_processes_train_like_one_and_only_the_main_one_writes(stories_path, tmp_path):
     """torchrun with 2 CPU processes (gloo): one writer, and the adapter of a single process with the same
     global batch (records of equal length, so the mean over tokens equals the mean over processes)."""
-    import socket
-
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Tom has {i} apples. How many?", "response": f"{i}"}) + "\n"
                             for i in range(1, 9)))  # fmt: skip
     common = ["train", "--model", str(stories_path), "--data", str(data), "--rank", "4", "--lr", "1e-2",
               "--max-steps", "2", "--max-length", "64", "--save-steps", "-1", "--no-progress"]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),

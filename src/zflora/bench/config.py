@@ -160,30 +160,39 @@ class BenchConfig(Outputs, ModelShape):
 
 
 @dataclass
-class ServeBenchConfig(Outputs, ModelShape):
-    """`zflora serve-bench`: base vs vLLM LoRA vs the zFLoRA plugin, in one vLLM build."""
+class VllmMethods:
+    """What both vLLM benchmarks (`serve-bench`, `serve-load`) compare and how vLLM runs them."""
 
     targets: str = field(default="all", metadata={"help": "projections, the same for LoRA and zFLoRA",
                                                   "choices": ("all", "mha")})  # fmt: skip
+    methods: tuple[str, ...] = SERVE_METHODS
+    enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile / CUDA graphs (every method)"})
+    workdir: Path | None = field(default=None, metadata={"help": "where to write checkpoints, adapters and logs"})
+
+    def check_targets(self) -> None:
+        if self.targets not in ("all", "mha"):
+            raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
+
+
+@dataclass
+class ServeBenchConfig(VllmMethods, Outputs, ModelShape):
+    """`zflora serve-bench`: base vs vLLM LoRA vs the zFLoRA plugin, in one vLLM build."""
+
     prompt_lens: tuple[int, ...] = field(default=(128, 512), metadata={"help": "time-to-first-token prompt lengths"})
     decode_tokens: int = field(default=16, metadata={"help": "timed decode tokens per request"})
     batch_sizes: tuple[int, ...] = field(default=(1, 4), metadata={"help": "throughput batch sizes"})
     batch_tokens: int = field(default=8, metadata={"help": "new tokens per request in batches"})
     repeats: int = 5
     warmup: int = field(default=1, metadata={"help": "untimed rounds first"})
-    methods: tuple[str, ...] = SERVE_METHODS
-    enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile / CUDA graphs (all methods)"})
-    workdir: Path | None = field(default=None, metadata={"help": "where to write the checkpoint and adapters"})
 
     def __post_init__(self) -> None:
         check_common(self, SERVE_METHODS, ("rank", "decode_tokens", "batch_tokens", "repeats"),
                      ("prompt_lens", "batch_sizes"))  # fmt: skip
-        if self.targets not in ("all", "mha"):
-            raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
+        self.check_targets()
 
 
 @dataclass
-class ServeLoadConfig(Outputs, ModelShape):
+class ServeLoadConfig(VllmMethods, Outputs, ModelShape):
     """`zflora serve-load`: base vs vLLM LoRA vs the zFLoRA plugin behind vLLM's OpenAI server, under load from
     concurrent clients (vLLM's own load generator), on a checkpoint with a tokenizer."""
 
@@ -192,21 +201,16 @@ class ServeLoadConfig(Outputs, ModelShape):
         metadata={"help": "a local checkpoint with its tokenizer, or a fetched model's name"},
     )
     rank: int = 16
-    targets: str = field(default="all", metadata={"help": "projections, the same for LoRA and zFLoRA",
-                                                  "choices": ("all", "mha")})  # fmt: skip
     concurrency: tuple[int, ...] = field(default=(1, 4, 16), metadata={"help": "concurrent clients (one run each)"})
     requests_per_client: int = field(default=4, metadata={"help": "requests per client in a run"})
     input_len: int = field(default=128, metadata={"help": "prompt tokens per request (random, the same for all)"})
     output_len: int = field(default=64, metadata={"help": "output tokens per request (EOS ignored)"})
     repeats: int = 3
     warmup: int = field(default=1, metadata={"help": "untimed rounds first"})
-    methods: tuple[str, ...] = SERVE_METHODS
-    enforce_eager: bool = field(default=False, metadata={"help": "no torch.compile / CUDA graphs (all servers)"})
     pad_to: int | None = field(default=None, metadata={"help": "zFLoRA's stream widened with zero channels to a "
                                                                "multiple of N (a faster GEMM width)"})  # fmt: skip
     kv_cache_gib: int = field(default=1, metadata={"help": "CPU: each server's KV cache (VLLM_CPU_KVCACHE_SPACE)"})
     startup_timeout: int = field(default=900, metadata={"help": "seconds a server may take to answer /health"})
-    workdir: Path | None = field(default=None, metadata={"help": "where to write the adapters and server logs"})
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -216,8 +220,7 @@ class ServeLoadConfig(Outputs, ModelShape):
             raise ValueError("layers: serve-load serves the whole checkpoint")
         check_common(self, SERVE_METHODS, ("rank", "requests_per_client", "input_len", "output_len", "repeats",
                                            "kv_cache_gib", "startup_timeout"), ("concurrency",))  # fmt: skip
-        if self.targets not in ("all", "mha"):
-            raise ValueError(f"targets: must be 'all' or 'mha', got {self.targets!r}")
+        self.check_targets()
         if self.pad_to is not None:
             positive_int("pad_to", self.pad_to)
 

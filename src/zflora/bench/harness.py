@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -91,3 +92,10 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on (for a server this run starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

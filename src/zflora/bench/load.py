@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,7 +38,7 @@ from ..hardware import auto_dtype, describe_machine, environment
 from ..models import torch_dtype
 from ..serve import require_vllm, serve_command
 from .config import ServeLoadConfig
-from .harness import rotated
+from .harness import free_port, rotated
 from .report import Key, bar_chart, md_table, rows, target, targets_table, write_outputs
 from .vllm import fit_together, prepare_checkpoints
 
@@ -51,12 +50,6 @@ MEASURES = {
     "itl p50": ("median_itl_ms", float),
     "itl p99": ("p99_itl_ms", float),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(method: str, paths: dict[str, Path], cfg: ServeLoadConfig, dtype: str, port: int) -> list[str]:
