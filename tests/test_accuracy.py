@@ -192,6 +192,14 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
     assert "| int4 | zFLoRA, blocks apart |" in (tmp_path / "quantized" / "math.md").read_text()
     diagnosis = quantized.run(dataclasses.replace(cfg, fp32_adapter=True))  # the base quantized, the blocks not
     assert {(r["precision"], r["method"]) for r in diagnosis["rows"]} - set(rows) == {("int4", "zflora-fp32-adapter")}
+    trained = quantized.run(dataclasses.replace(cfg, train_on_quantized=("int4",)))  # QLoRA's recipe, then deployed
+    (row,) = [r for r in trained["rows"] if r["method"] == quantized.ON_QUANTIZED]
+    assert row["precision"] == "int4" and row["gain"] is not None
+    result = json.loads(
+        (tmp_path / "quantized" / "math" / f"int4-{quantized.ON_QUANTIZED}-s0" / "result.json").read_text()
+    )
+    assert result["adapter"] == str(tmp_path / "work" / "quantized" / f"int4-{quantized.ON_QUANTIZED}-s0" / "math")
+    assert result["steps"] == 1 and result["tokens_seen"] > 0 and result["train_wall_s"] > 0
     # Finished rows are read back, never evaluated again, and need no adapter; a row still to run does, and
     # without it the command says where it looked before evaluating anything.
     monkeypatch.setattr(quantized, "evaluate_category", lambda *a, **k: pytest.fail("a finished row was re-run"))
@@ -203,6 +211,8 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
     assert not (tmp_path / "quantized" / "math" / "int8-base-s0").exists()
     with pytest.raises(ValueError, match="precisions: from int8, int4, got \\['int3'\\]"):
         QuantizedAccuracyConfig(precisions=("int3",))
+    with pytest.raises(ValueError, match="train_on_quantized: \\['int8'\\] not among"):
+        QuantizedAccuracyConfig(precisions=("int4",), train_on_quantized=("int8",))
 
 
 def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from zflora.finetune.evaluate import score_responses_file, task_kind
 from zflora.finetune.scoring import score_response
 from zflora.finetune.tasks import make_task
 from zflora.finetune.train import claim_output, last_complete_checkpoint, save_trained, train_model
-from zflora.models import load_tokenizer
+from zflora.models import load_local_model, load_tokenizer
 
 
 @pytest.fixture
@@ -161,6 +161,26 @@ def test_train_options(stories_path, task_file, tmp_path, options):
     main(["train", "--model", str(stories_path), "--data", str(task_file), "--output", str(out), *base, *options])
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["loss"])
+
+
+def test_train_on_a_quantized_base_gives_an_adapter_of_the_fp32_base(stories_path, task_file, tmp_path):
+    """QLoRA's recipe: the frozen base holds the int4 deployment's weights; the adapter belongs to the fp32 base
+    (its fingerprint) and loads onto it, or onto its quantization."""
+    pytest.importorskip("onnxruntime")
+    from zflora.quantization import Quantization, simulate
+
+    cfg = _cfg(stories_path, task_file, tmp_path / "run", max_steps=1, quantized_base="int4")
+    model, log = train_model(cfg)
+    fp32 = load_local_model(stories_path, torch.float32)
+    want = simulate(fp32, Quantization(4)).model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, want)  # trained against the int4 weights
+    assert not torch.equal(want, fp32.model.layers[0].self_attn.q_proj.weight)
+    assert log["config"]["quantized_base"] == "int4"
+    saved = zflora.save_adapter(model, tmp_path / "adapter")
+    zflora.load_adapter(fp32, saved)  # the fp32 base's adapter: the fingerprint matches
+    zflora.load_adapter(simulate(load_local_model(stories_path, torch.float32), Quantization(4)), saved)
+    with pytest.raises(ValueError, match="quantized_base: full fine-tuning"):
+        _cfg(stories_path, task_file, tmp_path / "fft", method="fft", quantized_base="int4")
 
 
 @pytest.mark.slow

@@ -36,11 +36,12 @@ from torch import nn
 from .compiled import is_frozen
 from .config import ZFLoRAConfig
 from .files import atomic_write, read_json_object, remove_stale, write_json
+from .fingerprint import FINGERPRINT_VALUES, base_fingerprint, fingerprinted, leading, recorded
 from .fusion import adapter_tensor
 from .models import head_dim, meta_model
 from .modules import FusedLinear
 from .transform import adapter_parameters, apply_zflora, is_zflora
-from .weight_only import QuantizedFusedLinear, QuantizedLinear
+from .weight_only import QuantizedFusedLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +62,6 @@ FUNCTION_FIELDS = ("rope_theta", "rms_norm_eps", "tie_word_embeddings")
 # Adapter config fields that fix the adapter's tensor shapes (targets normalised); alpha may differ.
 SHAPE_FIELDS = ("r", "target_modules", "lm_head", "expand_input")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FINGERPRINT_VALUES = 16  # leading values of each fingerprinted base tensor
 
 
 class AdapterError(ValueError):
@@ -73,40 +73,6 @@ def _rope_theta(cfg: Any) -> float | None:
     if theta is None:
         theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
     return None if theta is None else float(theta)
-
-
-def fingerprinted(layers: int) -> dict[str, str]:
-    """The base tensors fingerprinted, by their names in a Hugging Face checkpoint: the embedding, the final
-    norm, and every layer's q and down projections, so a base that differs in any layer is caught."""
-    names = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight"}
-    for i in range(layers):
-        names[f"layers.{i}.q_proj"] = f"model.layers.{i}.self_attn.q_proj.weight"
-        names[f"layers.{i}.down_proj"] = f"model.layers.{i}.mlp.down_proj.weight"
-    return names
-
-
-def _leading(t: torch.Tensor) -> list[float]:
-    """The fingerprint of one tensor: the leading values of its first row (of the vector itself). A fused
-    weight keeps its base block first in both directions, so these are base values in either form."""
-    return (t[0] if t.dim() > 1 else t).detach()[:FINGERPRINT_VALUES].float().cpu().tolist()
-
-
-def _base_weight(projection: nn.Module) -> torch.Tensor:
-    """A projection's weight, or for an int4 one its fp32 weight's leading values (its first row)."""
-    return projection.leading[None] if isinstance(projection, QuantizedLinear) else projection.weight
-
-
-def base_fingerprint(model: nn.Module) -> dict[str, list[float]] | None:
-    """The leading values of the `fingerprinted` base tensors: cheap, the same in either zFLoRA form and,
-    within rounding, in any dtype. None for a model on the meta device."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tensors = {"embed_tokens": inner.model.embed_tokens.weight, "norm": inner.model.norm.weight}
-    for i, layer in enumerate(inner.model.layers):
-        tensors[f"layers.{i}.q_proj"] = _base_weight(layer.self_attn.q_proj)
-        tensors[f"layers.{i}.down_proj"] = _base_weight(layer.mlp.down_proj)
-    if any(t.is_meta for t in tensors.values()):
-        return None
-    return {k: _leading(t) for k, t in tensors.items()}
 
 
 def checkpoint_fingerprint(directory: str | os.PathLike, layers: int) -> dict[str, list[float]] | None:
@@ -121,7 +87,7 @@ def checkpoint_fingerprint(directory: str | os.PathLike, layers: int) -> dict[st
                 for short, name in wanted.items():
                     if short not in found and name in names:
                         part = f.get_slice(name)
-                        found[short] = _leading(part[0:1] if len(part.get_shape()) > 1 else part[:FINGERPRINT_VALUES])
+                        found[short] = leading(part[0:1] if len(part.get_shape()) > 1 else part[:FINGERPRINT_VALUES])
         except SafetensorError as e:
             raise AdapterError(f"{file}: unreadable safetensors file ({e})") from None
     return found if len(found) == len(wanted) else None
@@ -132,6 +98,8 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     ident = {f: getattr(cfg, f, None) for f in IDENTITY_FIELDS} | {"head_dim": head_dim(cfg)}
     ident |= {"rope_theta": _rope_theta(cfg), "rms_norm_eps": getattr(cfg, "rms_norm_eps", None),
               "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))}  # fmt: skip
+    if (record := recorded(model)) is not None:  # a quantized model: its fp32 base's (quantizing unties the head)
+        ident["tie_word_embeddings"] = record["tie_word_embeddings"]
     return ident | {"fingerprint": base_fingerprint(model)}
 
 

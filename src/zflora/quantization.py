@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_BLOCK_SIZE, QUANTIZATIONS
+from .fingerprint import record_base
 from .fusion import base_block, block_of
 from .modules import FusedLinear, ZFLoRALinear
 
@@ -122,6 +123,7 @@ def simulate(model: nn.Module, q: Quantization, adapter: bool = True) -> nn.Modu
     if (dtype := next(model.parameters()).dtype) != torch.float32:
         raise ValueError(f"quantization needs an fp32 model to quantize from; this one is {dtype}")
     out = copy.deepcopy(model)
+    record_base(out, model)  # an adapter trained on the copy belongs to the fp32 base
     for m in out.modules():
         if isinstance(m, FusedLinear):
             if m.pad:

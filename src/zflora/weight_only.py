@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_BLOCK_SIZE
+from .fingerprint import record_base
 from .fusion import Kind, adapter_block
 from .modules import ADAPTER_PREFIX, FusedLinear, HiddenReadLinear, ZFLoRALinear
 from .quantization import Quantization, block_quantize
@@ -35,7 +36,6 @@ from .transform import fuse, fused_padding, is_fused, is_zflora, unfuse
 KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU kernel takes
 N_MULTIPLE = 16  # the kernel packs output channels in multiples of 16
 TILE_N = 64  # output channels per tile of the kernel's packed layout
-LEADING = 64  # fp32 values of the first row kept for the base fingerprint
 
 
 def available() -> bool:
@@ -75,9 +75,6 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("packed", _pack(ints))
         self.register_buffer("scales_and_zeros", self._scales_and_zeros(scales).to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        # the fp32 weight's first values, which a base fingerprint reads (`adapter_io.base_fingerprint`): the
-        # base an adapter was trained on is the fp32 one, not its rounding
-        self.register_buffer("leading", weight.detach()[0, :LEADING].float().clone(), persistent=False)
 
     def _with_padded_rows(self, w: torch.Tensor) -> torch.Tensor:
         return torch.cat([w, w.new_zeros(self._padded_out - w.shape[0], w.shape[1])]) if self._padded else w
@@ -242,6 +239,7 @@ def quantize(model: nn.Module, bits: int = 4, block_size: int = DEFAULT_BLOCK_SI
     """
     q = Quantization(bits, block_size, accuracy_level=1)
     _check(model, q)
+    record_base(model, model)  # of the fp32 base, before its weights are replaced
     if is_zflora(model):
         if is_fused(model) and (model.zflora_config.r + fused_padding(model)) % block_size:
             unfuse(model)

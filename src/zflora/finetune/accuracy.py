@@ -219,9 +219,18 @@ def load_model(cfg: AccuracyConfig) -> torch.nn.Module:
 
 
 def train(
-    cfg: AccuracyConfig, method: str, rank: int, lr: float, seed: int, examples: list[Example], steps: int, work: Path
+    cfg: AccuracyConfig,
+    method: str,
+    rank: int,
+    lr: float,
+    seed: int,
+    examples: list[Example],
+    steps: int,
+    work: Path,
+    base: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """One training run; resumes from a complete checkpoint in `work`, else starts afresh there."""
+    """One training run; resumes from a complete checkpoint in `work`, else starts afresh there. `base`: the
+    model to adapt instead of the study's (a quantized one, `zflora quantized-accuracy --train-on-quantized`)."""
     resume = bool(complete_checkpoints(work))
     if not resume and work.exists():
         shutil.rmtree(work)  # leftovers of a run killed before its first complete checkpoint
@@ -242,7 +251,8 @@ def train(
         progress=False,
         resume=resume,
     )
-    return train_model(tc, examples=examples, model=load_model(cfg), tokenizer=load_tokenizer(cfg.model))
+    model = load_model(cfg) if base is None else base
+    return train_model(tc, examples=examples, model=model, tokenizer=load_tokenizer(cfg.model))
 
 
 def one_run(

@@ -62,6 +62,11 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace the run already in --output"})
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "JSON object of TrainingArguments"})
+    quantized_base: str | None = field(
+        default=None,
+        metadata={"choices": tuple(QUANTIZATIONS), "help": "train on the base as an int8 / int4 deployment computes "
+                  "with it (blocks of 32, QLoRA's recipe): an adapter for a quantized base keeps more of its gain"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
@@ -76,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: must be a fraction of the steps in [0, 1), got {self.warmup_ratio!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give one or the other")
+        if self.quantized_base is not None and self.quantized_base not in QUANTIZATIONS:
+            raise ValueError(f"quantized_base: {self.quantized_base!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if self.quantized_base is not None and self.method == "fft":
+            raise ValueError("quantized_base: full fine-tuning trains the base itself; choose an adapter method")
         if self.limit is not None:
             positive_ints(self, "limit")
         if not self.data:
@@ -248,6 +257,11 @@ class QuantizedAccuracyConfig:
     eval_batch_size: int = 64
     fp32_adapter: bool = field(default=False, metadata={"help": "also zFLoRA on the quantized base, blocks fp32 "
                                                                 "(a diagnosis, not a deployable form)"})  # fmt: skip
+    train_on_quantized: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "precisions (of --precisions) at which zFLoRA is also trained on the quantized base itself "
+                  "(QLoRA's recipe), with the study run's learning rate, steps and seed"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         positive_ints(self, "block_size", "eval_batch_size")
@@ -257,3 +271,5 @@ class QuantizedAccuracyConfig:
             raise ValueError(f"precisions: from {', '.join(QUANTIZATIONS)}, got {bad or 'none'}")
         if self.seed < 0:
             raise ValueError(f"seed: {self.seed}; a study's seeds count from 0")
+        if bad := [p for p in self.train_on_quantized if p not in self.precisions]:
+            raise ValueError(f"train_on_quantized: {bad} not among the precisions {list(self.precisions)}")

@@ -5,7 +5,10 @@ For one category and seed of a `zflora accuracy` study, on the study's own test 
 - zFLoRA fused on the quantized base, its blocks quantized on their own (what `zflora export onnx
   --quantize` ships, and what a swap rewrites);
 - LoRA merged into the base and the whole model quantized, the way LoRA is deployed on a quantized base;
-- the fp32 rows are the study's finished runs (base, LoRA merged, zFLoRA fused), read back, not rerun.
+- the fp32 rows are the study's finished runs (base, LoRA merged, zFLoRA fused), read back, not rerun;
+- with `--train-on-quantized int4` (or int8), zFLoRA trained on the quantized base itself (QLoRA's recipe:
+  the frozen base is the quantized one; the study run's learning rate, steps, seed and data), then deployed
+  as above. zFLoRA never rewrites the base, so the base it was trained on is exactly the base it is served on.
 
 Each quantized model is the PyTorch model that computes with exactly the export's quantized weights
 (`simulate`: equal to ONNX Runtime with fp32 activations, `accuracy_level=1`). "Kept" is the adapter's
@@ -29,13 +32,14 @@ from ..hardware import environment
 from ..methods import prepare_for_eval
 from ..models import load_tokenizer
 from ..quantization import Quantization, simulate
-from .accuracy import evaluate_category, heldout_loss, load_model, run_name, train_split, work_dir
+from .accuracy import evaluate_category, heldout_loss, load_model, run_name, train, train_split, work_dir
 from .accuracy_report import CATEGORY_METRIC, by_task, read_items, sha256, task_scores, verified
-from .config import AccuracyConfig, QuantizedAccuracyConfig
+from .config import CATEGORIES, AccuracyConfig, QuantizedAccuracyConfig
 from .train import last_complete_checkpoint
 
 METHODS = ("base", "lora", "zflora")  # lora: merged, then quantized with the base
 FP32_ADAPTER = "-fp32-adapter"  # zflora-fp32-adapter: the base quantized, the adapter blocks not (a diagnosis)
+ON_QUANTIZED = "zflora-trained-quantized"  # zFLoRA trained on the quantized base (QLoRA's recipe)
 
 
 def study_config(cfg: QuantizedAccuracyConfig) -> AccuracyConfig:
@@ -89,16 +93,20 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
     out = row_dir(cfg, method, precision)
     if (result := verified(out)) is None:
         tokenizer = load_tokenizer(study.model)
+        q = Quantization.named(precision, cfg.block_size, accuracy_level=1)
         model = load_model(study)  # the study's dtype: fp32
-        if method != "base":
+        source: Any = None
+        trained: dict[str, Any] = {}
+        if method == ON_QUANTIZED:
+            model, source, trained = trained_on_quantized(cfg, study, simulate(model, q), precision)
+        elif method != "base":
             source = adapter_dir(cfg, study, method.removesuffix(FP32_ADAPTER))
             model = attach_adapter(model, source)
         model = prepare_for_eval(model)  # zFLoRA fused, LoRA merged
-        q = Quantization.named(precision, cfg.block_size, accuracy_level=1)
         model = simulate(model, q, adapter=not method.endswith(FP32_ADAPTER))
         started = time.perf_counter()
         result = {"method": method, "precision": precision, "seed": cfg.seed, "category": cfg.category,
-                  "quantization": q.to_dict(), "adapter": str(source) if method != "base" else None,
+                  "quantization": q.to_dict(), "adapter": None if source is None else str(source), **trained,
                   "heldout_loss": heldout_loss(model, tokenizer, train_split(study, cfg.category, tokenizer, 0)[1],
                                                study.max_length)}  # fmt: skip
         rows = evaluate_category(study, model, tokenizer, cfg.category)
@@ -110,21 +118,36 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
     return row(cfg.category, result, read_items(out / "items.jsonl")) | {"source": str(out)}
 
 
+def trained_on_quantized(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, base: torch.nn.Module,
+                         precision: str) -> tuple[torch.nn.Module, Path, dict[str, Any]]:  # fmt: skip
+    """zFLoRA trained on `base` (the quantized base, fp32 values) as the study trained its seed's run: its
+    learning rate, steps, batch and data. Checkpoints under the study's work directory, so it resumes.
+    Returns the model, where it was trained and what the training cost."""
+    fp32 = json.loads((cfg.study / "runs" / run_name("zflora", study.rank, cfg.seed) / cfg.category /
+                       "result.json").read_text())  # fmt: skip
+    steps = dict(zip(CATEGORIES, study.steps, strict=True))[cfg.category]
+    seen, _ = train_split(study, cfg.category, load_tokenizer(study.model), steps * study.batch_size)
+    work = work_dir(study) / "quantized" / f"{precision}-{ON_QUANTIZED}-s{cfg.seed}" / cfg.category
+    model, log = train(study, "zflora", study.rank, fp32["lr"], cfg.seed, seen, steps, work, base=base)
+    return model, work, {"lr": fp32["lr"], "steps": steps, "train_wall_s": log["wall_s"],
+                         "tokens_seen": log["tokens_seen"]}  # fmt: skip
+
+
 def run(cfg: QuantizedAccuracyConfig) -> dict[str, Any]:
     study = study_config(cfg)
     rows = {("fp32", m): fp32_row(cfg, study, m) for m in METHODS}
     methods = (*METHODS, f"zflora{FP32_ADAPTER}") if cfg.fp32_adapter else METHODS
     to_run = {m.removesuffix(FP32_ADAPTER) for p in cfg.precisions for m in methods
-              if m != "base" and verified(row_dir(cfg, m, p)) is None}  # fmt: skip
+              if m not in ("base", ON_QUANTIZED) and verified(row_dir(cfg, m, p)) is None}  # fmt: skip
     for method in sorted(to_run):
         adapter_dir(cfg, study, method)  # every adapter still needed found before an hour of evaluation
     for precision in cfg.precisions:
-        for method in methods:
+        for method in (*methods, ON_QUANTIZED) if precision in cfg.train_on_quantized else methods:
             rows[precision, method] = quantized_row(cfg, study, method, precision)
     out = {"category": cfg.category, "metric": CATEGORY_METRIC[cfg.category], "seed": cfg.seed,
            "block_size": cfg.block_size, "rows": []}  # fmt: skip
     gain32 = {m: rows["fp32", m]["score"] - rows["fp32", "base"]["score"] for m in ("lora", "zflora")}
-    gain32[f"zflora{FP32_ADAPTER}"] = gain32["zflora"]
+    gain32[f"zflora{FP32_ADAPTER}"] = gain32[ON_QUANTIZED] = gain32["zflora"]
     for (precision, method), r in rows.items():
         gain = r["score"] - rows[precision, "base"]["score"]
         adapted = method != "base"
@@ -140,6 +163,7 @@ LABELS = {
     "lora": "LoRA, merged then quantized",
     "zflora": "zFLoRA, blocks apart",
     f"zflora{FP32_ADAPTER}": "zFLoRA, base quantized, blocks fp32 (diagnosis)",
+    ON_QUANTIZED: "zFLoRA trained on the quantized base, blocks apart",
 }
 FP32_LABELS = {"base": "base", "lora": "LoRA, merged", "zflora": "zFLoRA, fused"}
 

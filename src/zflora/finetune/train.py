@@ -31,6 +31,7 @@ from ..files import write_json, write_text
 from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
 from ..models import load_local_model, load_tokenizer, torch_dtype
+from ..quantization import Quantization, simulate
 from ..transform import is_zflora
 from .config import TrainConfig
 from .data import Example, load_examples, tokenize
@@ -168,6 +169,15 @@ def build_trainer(
     return AdapterTrainer(model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
 
 
+def load_base(cfg: TrainConfig) -> nn.Module:
+    """The base to train on: the checkpoint in `cfg.dtype`, or with `quantized_base` the weights an int8 / int4
+    deployment computes with (quantized from fp32, `zflora.quantization.simulate`), then cast to `cfg.dtype`."""
+    if cfg.quantized_base is None:
+        return load_local_model(cfg.model, torch_dtype(cfg.dtype))
+    fp32 = load_local_model(cfg.model, torch.float32)
+    return simulate(fp32, Quantization.named(cfg.quantized_base)).to(torch_dtype(cfg.dtype))
+
+
 def train_model(
     cfg: TrainConfig,
     examples: list[Example] | None = None,
@@ -184,7 +194,7 @@ def train_model(
     if not tok.features:
         raise ValueError(f"no trainable record left after truncation to max_length={cfg.max_length}")
     torch.manual_seed(cfg.seed)  # adapter initialisation (A matrices) depends on it
-    model = model if model is not None else load_local_model(cfg.model, torch_dtype(cfg.dtype))
+    model = model if model is not None else load_base(cfg)
     model = prepare_model(model, cfg.method, r=cfg.rank, alpha=cfg.alpha)
     if cfg.gradient_checkpointing and cfg.method != "fft":
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
