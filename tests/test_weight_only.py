@@ -24,8 +24,8 @@ BLOCK = 32  # the kernel's smallest group; divides d = 64
 Q = Quantization(4, BLOCK, accuracy_level=1)
 
 
-def base() -> torch.nn.Module:
-    return tiny_model(hidden=64, mlp=128)  # the kernel wants K a multiple of its group; vocab 97 pads to 112
+def base(arch: str = "llama") -> torch.nn.Module:
+    return tiny_model(arch, hidden=64, mlp=128)  # the kernel wants K a multiple of its group; vocab 97 pads to 112
 
 
 def ids(seed: int = 3) -> torch.Tensor:
@@ -48,11 +48,12 @@ def adapter_mask(m: QuantizedFusedLinear) -> torch.Tensor:
     return mark.bool()
 
 
-@pytest.mark.parametrize("adapter", [False, True])
-def test_int4_model_computes_with_the_exported_quantized_weights(adapter) -> None:
+@pytest.mark.parametrize(("arch", "adapter"), [("llama", False), ("llama", True), ("qwen2", True)])
+def test_int4_model_computes_with_the_exported_quantized_weights(arch, adapter) -> None:
     """fp32 activations: the rounding of the weights is the only difference from the fp32 model, and the weights
-    are `simulate`'s (= the ONNX export's); the zFLoRA model is padded to the block, `simulate`'s is not."""
-    model = zflora_model(base(), seed=1) if adapter else base()
+    are `simulate`'s (= the ONNX export's); the zFLoRA model is padded to the block, `simulate`'s is not. Qwen2:
+    biases on q, k and v."""
+    model = zflora_model(base(arch), seed=1) if adapter else base(arch)
     want, fp32 = hf_steps(simulate(model, Q), ids(), 3), hf_steps(model, ids(), 3)
     quantized = weight_only.quantize(copy.deepcopy(model), dtype=torch.float32)
     assert sum(isinstance(m, QuantizedFusedLinear) for m in quantized.modules()) == (14 if adapter else 0)
