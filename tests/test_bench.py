@@ -99,7 +99,7 @@ def test_bench_int4_quantizes_every_method_and_times_the_swap():
     pytest.importorskip("onnxruntime")
     cfg = BenchConfig(preset="tiny", rank=8, prompt_lens=(8,), decode_context=8, decode_steps=1, repeats=1,
                       warmup=0, quantize="int4", dtype="bf16", progress=False)  # fmt: skip
-    assert cfg.methods == ("base", "lora-merged", "zflora")
+    assert cfg.methods == ("base", "lora", "lora-merged", "zflora")
     result = hf.run(cfg)
     assert {r["method"] for r in result["end_to_end"]} == set(cfg.methods)
     assert {r["method"] for r in result["switch"]} == {"zflora"}  # a merged LoRA switches by quantizing again
@@ -115,7 +115,7 @@ def test_bench_int4_quantizes_every_method_and_times_the_swap():
     [
         ({"quantize": "int4", "compile": True}, "quantize: the transformers engine's"),
         ({"quantize": "int4", "pad_to": 32}, "quantize: the transformers engine's"),
-        ({"quantize": "int4", "methods": ("base", "lora")}, "methods: --quantize int4 runs"),
+        ({"quantize": "int4", "methods": ("base", "lora-mha")}, "methods: --quantize int4 runs"),
     ],
 )
 def test_bench_int4_settings_refused(kwargs, match):

@@ -157,3 +157,23 @@ def test_bytes_count_what_a_swap_writes() -> None:
     written = sum(m.refresh_adapter() for m in model.modules() if isinstance(m, QuantizedFusedLinear))
     assert counted["swap_writes"] == written >= changed > 0  # a byte may be rewritten with the value it had
     assert counted["packed"] == sum(m.packed.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+def test_unmerged_lora_runs_on_the_int4_base_with_its_adapter_in_floating_point() -> None:
+    """The comparison runtime LoRA makes on a quantized base: PEFT's base layers int4, its lora_A / lora_B not."""
+    from zflora.methods import prepare_model, randomize_lora
+    from zflora.quantization import round_trip
+
+    lora = prepare_model(base(), "lora", r=4, alpha=8.0)
+    randomize_lora(lora, 1)
+    fp32 = hf_steps(lora, ids(), 1)
+    want = copy.deepcopy(lora)  # the base layers' weights rounded as the kernel holds them, the adapter as it is
+    for name, m in want.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".lora_" not in name:
+            m.weight.data = round_trip(m.weight, Q)
+    quantized = weight_only.quantize(lora, dtype=torch.float32)
+    layer = quantized.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, QuantizedLinear) and isinstance(layer.lora_A["default"], torch.nn.Linear)
+    got = hf_steps(quantized, ids(), 1)
+    close(got, hf_steps(want, ids(), 1), 1e-4)
+    assert max(np.abs(g - f).max() for g, f in zip(got, fp32, strict=True)) > 1e-3

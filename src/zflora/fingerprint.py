@@ -61,4 +61,4 @@ def record_base(quantized: nn.Module, source: nn.Module) -> None:
         "fingerprint": base_fingerprint(source),
         "tie_word_embeddings": bool(getattr(source.config, "tie_word_embeddings", False)),
     }
-    setattr(quantized, RECORDED, record)
+    setattr(quantized.get_base_model() if hasattr(quantized, "get_base_model") else quantized, RECORDED, record)

@@ -219,11 +219,17 @@ def _check(model: nn.Module, q: Quantization) -> None:
     if is_zflora(model) and d % q.block_size:
         raise ValueError(f"block_size {q.block_size} does not divide the hidden size {d}, so the adapter's columns "
                          f"would share groups with the base; choose a block size that divides {d}")  # fmt: skip
-    for name, m in model.named_modules():
-        if isinstance(m, ZFLoRALinear) and m is model.lm_head:
-            raise ValueError("an adapter on the LM head (lm_head=True) is not quantized by this route yet")
-        if isinstance(m, nn.Linear) and not isinstance(m, FusedLinear) and m.in_features % q.block_size:
+    if isinstance(getattr(model, "lm_head", None), ZFLoRALinear):
+        raise ValueError("an adapter on the LM head (lm_head=True) is not quantized by this route yet")
+    for name, m in _base_projections(model):
+        if not isinstance(m, FusedLinear) and m.in_features % q.block_size:
             raise ValueError(f"{name}: its input size {m.in_features} is not a multiple of block_size {q.block_size}")
+
+
+def _base_projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every `nn.Linear` but an unmerged PEFT LoRA's own `lora_A` / `lora_B` (its base layers are quantized, its
+    adapter stays in floating point, as LoRA runs on a quantized base at runtime)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
 
 
 @torch.no_grad()
@@ -231,7 +237,8 @@ def quantize(model: nn.Module, bits: int = 4, block_size: int = DEFAULT_BLOCK_SI
              dtype: torch.dtype = torch.bfloat16) -> nn.Module:  # fmt: skip
     """Quantize a model's projections to int4 in place, for PyTorch's int4 CPU kernel; returns the model.
 
-    From an fp32 model: a plain Hugging Face model (every `nn.Linear`), or a zFLoRA model, which is fused
+    From an fp32 model: a plain Hugging Face model (every `nn.Linear`), a PEFT LoRA model (its base layers; the
+    unmerged adapter stays in `dtype`, as runtime LoRA on a quantized base runs), or a zFLoRA model, which is fused
     first with its stream padded to a multiple of `block_size` so that the adapter's columns fill groups of
     their own. The activations (embeddings, norms, scales) run in `dtype`: bf16 is the kernel's fast path
     (fp32 activations are exact but dequantize every call, over 20x slower). Everything is checked before
@@ -244,8 +251,7 @@ def quantize(model: nn.Module, bits: int = 4, block_size: int = DEFAULT_BLOCK_SI
         if is_fused(model) and (model.zflora_config.r + fused_padding(model)) % block_size:
             unfuse(model)
         fuse(model, pad_to=block_size)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, m in targets:
+    for name, m in _base_projections(model):
         if isinstance(m, FusedLinear):
             new: nn.Module = QuantizedFusedLinear(m, q, dtype)
         else:

@@ -14,7 +14,7 @@ E2E_METHODS = ("base", "lora", "lora-merged", "lora-mha", "zflora", "zflora-mha"
 HEADLINE_METHODS = ("base", "lora", "zflora")
 COMPILE_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --compile`
 ONNX_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --engine onnxruntime`
-INT4_METHODS = ("base", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --quantize int4` (PyTorch's kernel)
+INT4_METHODS = ("base", "lora", "lora-merged", "zflora", "zflora-mha")  # `zflora bench --quantize int4`
 ONNX_PRECISIONS = ("fp32", "int8", "int4", "int8-dynamic")
 ENGINES = ("transformers", "onnxruntime")
 # `zflora serve-bench`: vLLM's base, vLLM's own LoRA, the zFLoRA plugin.
@@ -147,7 +147,7 @@ class BenchConfig(Outputs, ModelShape):
             if bad := [m for m in self.methods if m not in INT4_METHODS]:
                 raise ValueError(f"methods: --quantize int4 runs {', '.join(INT4_METHODS)}; got {bad}")
         default = ONNX_METHODS if onnx else COMPILE_METHODS if self.compile else HEADLINE_METHODS
-        default = ("base", "lora-merged", "zflora") if self.quantize else default
+        default = ("base", "lora", "lora-merged", "zflora") if self.quantize else default
         self.methods = tuple(self.methods) or default
         check_common(
             self, E2E_METHODS, ("rank", "batch", "decode_context", "decode_steps", "repeats", "proj_repeats"),

@@ -61,8 +61,9 @@ class Study:
         return base_model(self.cfg, torch.float32 if self.cfg.quantize else self.dtype, self.device)
 
     def build(self, base: nn.Module, method: str, keep_base: bool) -> nn.Module:
-        """`build_method`, then with --quantize int4 every method quantized from its own fp32 model (LoRA merged
-        and unloaded first), activations in the benchmark's dtype; the seconds that took are recorded."""
+        """`build_method`, then with --quantize int4 every method quantized from its own fp32 model (merged LoRA
+        merged and unloaded first; unmerged LoRA's base layers quantized, its adapter kept in the benchmark's dtype),
+        activations in the benchmark's dtype; the seconds that took are recorded."""
         if not self.cfg.quantize:
             return build_method(base, method, self.cfg, keep_base)
         model = build_method(copy.deepcopy(base) if keep_base else base, method, self.cfg, keep_base=False)
