@@ -9,11 +9,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import hf_steps, tiny_model, zflora_model
+from conftest import assert_same_state, hf_steps, refused_unchanged, state, tiny_model, zflora_model
 
 import zflora
 from zflora import weight_only
-from zflora.adapter_io import AdapterError
 from zflora.quantization import Quantization, simulate
 from zflora.weight_only import QuantizedFusedLinear, QuantizedLinear
 
@@ -107,26 +106,23 @@ def test_swap_writes_adapter_bytes_only_and_equals_a_fresh_quantization(tmp_path
 def test_a_refused_swap_leaves_the_quantized_model_unchanged(tmp_path) -> None:
     model = weight_only.quantize(zflora_model(base(), seed=1), dtype=torch.float32)
     other = zflora.apply_zflora(base(), zflora.ZFLoRAConfig(r=8))  # another rank
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(AdapterError, match="r: adapter 8, model 4"):
-        zflora.load_adapter(model, zflora.save_adapter(other, tmp_path / "r8"))
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    before = state(model)
+    refused_unchanged(model, zflora.save_adapter(other, tmp_path / "r8"), "r: adapter 8, model 4")
     saved = zflora.read_adapter(zflora.save_adapter(model, tmp_path / "again"))  # the fp32 adapter, saved back
     zflora.set_adapter(model, saved)  # its base fingerprint is the fp32 base's
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_same_state(before, state(model))
 
 
 def test_refusals_change_nothing() -> None:
     model = zflora_model(base(), seed=1)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state(model)
     for kwargs, match in [({"block_size": 16}, "block_size: 16"), ({"block_size": 128}, "does not divide"),
                           ({"bits": 8}, "bits: 8")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             weight_only.quantize(model, **kwargs)
     with pytest.raises(ValueError, match="fp32 model"):
         weight_only.quantize(copy.deepcopy(model).to(torch.bfloat16))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_same_state(before, state(model))
     weight_only.quantize(model)
     with pytest.raises(ValueError, match="quantized already"):
         weight_only.quantize(model)

@@ -36,6 +36,7 @@ from .transform import fuse, fused_padding, is_fused, is_zflora, unfuse
 KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU kernel takes
 N_MULTIPLE = 16  # the kernel packs output channels in multiples of 16
 TILE_N = 64  # output channels per tile of the kernel's packed layout
+_LAYOUTS_CHECKED: set[tuple] = set()  # (kind, N, K, base in, base out) whose adapter bytes are its own
 
 
 def available() -> bool:
@@ -159,7 +160,10 @@ class QuantizedFusedLinear(QuantizedLinear):
     def _check_layout(self) -> None:
         """The adapter has bytes of its own: a weight packed whole equals its base packed with the adapter zeroed,
         then the adapter packed by itself written through the views (base values non-zero, so that a byte the
-        two shared would differ)."""
+        two shared would differ). The layout depends on the shapes alone, so each is checked once."""
+        shape = (self.kind, self._padded_out, self.in_features, self.base_in, self.base_out)
+        if shape in _LAYOUTS_CHECKED:
+            return
         g = torch.Generator().manual_seed(0)
         whole = torch.randint(1, 16, (self._padded_out, self.in_features), generator=g, dtype=torch.int32)
         rows, cols = self._adapter_shape()
@@ -172,26 +176,33 @@ class QuantizedFusedLinear(QuantizedLinear):
             raise ValueError(f"{self.kind} projection {self.base_in} -> {self.base_out}: the int4 kernel's tiles "
                              "would mix base and adapter bytes (an output projection's base size must be a "
                              "multiple of 64), so a swap could not leave the base's bytes alone")  # fmt: skip
+        _LAYOUTS_CHECKED.add(shape)
+
+    def _adapter_scales(self) -> torch.Tensor:
+        """A view of the adapter's scales: its groups along K ("in"), or its output channels ("out")."""
+        if self.kind == "in":
+            return self.scales_and_zeros[self.base_in // self.block_size :, :, 0]
+        return self.scales_and_zeros[:, self.base_out :, 0]
 
     def adapter_bytes(self) -> int:
-        return sum(v.numel() for v in self._adapter_views(self.packed, False))
+        """What a swap writes: the adapter's packed bytes and its scales."""
+        packed = sum(v.numel() for v in self._adapter_views(self.packed, False))
+        scales = self._adapter_scales()
+        return packed + scales.numel() * scales.element_size()
 
     @torch.no_grad()
     def refresh_adapter(self) -> int:
         """Quantize the adapter block (from the stored matrix and scale) and write its packed bytes and
         scales, nothing else. Returns the bytes written."""
-        like = torch.empty(self.out_features, self.in_features)  # fp32, for adapter_block's shape and dtype
+        like = torch.zeros(()).expand(self.out_features, self.in_features)  # adapter_block's shape and dtype only
         block = adapter_block(self.kind, like, self.adapter_matrix, self.scaling, self.r)  # s B (out, r) or A (r, in)
         values = torch.zeros(self._adapter_shape())  # the stream's zero channels quantize to the zero point
         values[: block.shape[0], : block.shape[1]] = block
         ints, scales = int4_values(values, self.quantization)
         written = self._write_adapter(self.packed, ints[:, : values.shape[1]])
-        sz = self.scales_and_zeros
-        if self.kind == "in":
-            sz[self.base_in // self.block_size :, :, 0] = scales.T.to(sz.dtype)
-        else:
-            sz[:, self.base_out :, 0] = scales.T.to(sz.dtype)
-        return written + scales.numel() * sz.element_size()
+        target = self._adapter_scales()
+        target.copy_(scales.T)
+        return written + target.numel() * target.element_size()
 
     def extra_repr(self) -> str:
         pad = f", pad={self.pad}" if self.pad else ""
@@ -267,16 +278,14 @@ def quantize(model: nn.Module, bits: int = 4, block_size: int = DEFAULT_BLOCK_SI
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
-    """The activations' dtype for every floating-point parameter (embeddings, norms, biases, A_in) and the
-    scales. The matrices a quantized projection keeps for swaps stay fp32: a new adapter is quantized from
-    fp32 values, as a fresh `quantize` of it would be."""
+    """The activations' dtype for every floating-point parameter (embeddings, norms, biases, A_in; the scales
+    are built in it). The matrices a quantized projection keeps for swaps stay fp32: a new adapter is quantized
+    from fp32 values, as a fresh `quantize` of it would be."""
     for module in model.modules():
         keep = isinstance(module, QuantizedFusedLinear)
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point() and not (keep and name.startswith(ADAPTER_PREFIX)):
                 p.data = p.data.to(dtype)
-        if isinstance(module, QuantizedLinear):
-            module.scales_and_zeros = module.scales_and_zeros.to(dtype)
 
 
 def quantized_bytes(model: nn.Module) -> dict[str, int]:
@@ -288,9 +297,7 @@ def quantized_bytes(model: nn.Module) -> dict[str, int]:
             packed += m.packed.numel()
             scales += m.scales_and_zeros.numel() * m.scales_and_zeros.element_size()
             if isinstance(m, QuantizedFusedLinear):
-                groups = m.extra // m.block_size if m.kind == "in" else m._padded_out - m.base_out
-                per = m.scales_and_zeros.shape[1] if m.kind == "in" else m.scales_and_zeros.shape[0]
-                swap += m.adapter_bytes() + groups * per * m.scales_and_zeros.element_size()
+                swap += m.adapter_bytes()
     floats = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"packed": packed, "scales_and_zeros": scales, "swap_writes": swap, "float": floats,
             "total": packed + scales + floats}  # fmt: skip

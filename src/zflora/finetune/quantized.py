@@ -98,7 +98,7 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
         source: Any = None
         trained: dict[str, Any] = {}
         if method == ON_QUANTIZED:
-            model, source, trained = trained_on_quantized(cfg, study, simulate(model, q), precision)
+            model, source, trained = trained_on_quantized(cfg, study, simulate(model, q), precision, tokenizer)
         elif method != "base":
             source = adapter_dir(cfg, study, method.removesuffix(FP32_ADAPTER))
             model = attach_adapter(model, source)
@@ -119,14 +119,14 @@ def quantized_row(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: s
 
 
 def trained_on_quantized(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, base: torch.nn.Module,
-                         precision: str) -> tuple[torch.nn.Module, Path, dict[str, Any]]:  # fmt: skip
+                         precision: str, tokenizer: Any) -> tuple[torch.nn.Module, Path, dict[str, Any]]:  # fmt: skip
     """zFLoRA trained on `base` (the quantized base, fp32 values) as the study trained its seed's run: its
     learning rate, steps, batch and data. Checkpoints under the study's work directory, so it resumes.
     Returns the model, where it was trained and what the training cost."""
     fp32 = json.loads((cfg.study / "runs" / run_name("zflora", study.rank, cfg.seed) / cfg.category /
                        "result.json").read_text())  # fmt: skip
     steps = dict(zip(CATEGORIES, study.steps, strict=True))[cfg.category]
-    seen, _ = train_split(study, cfg.category, load_tokenizer(study.model), steps * study.batch_size)
+    seen, _ = train_split(study, cfg.category, tokenizer, steps * study.batch_size)
     work = work_dir(study) / "quantized" / f"{precision}-{ON_QUANTIZED}-s{cfg.seed}" / cfg.category
     model, log = train(study, "zflora", study.rank, fp32["lr"], cfg.seed, seen, steps, work, base=base)
     return model, work, {"lr": fp32["lr"], "steps": steps, "train_wall_s": log["wall_s"],
