@@ -147,7 +147,8 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     assert set(saved["paired"]) == {"commonsense", "math"} and saved["paired"]["commonsense"]["seeds"] == [0, 1]
     assert saved["baselines"]["boolq"]["chance"] == 50.0 and saved["baselines"]["ARC-Easy"]["chance"] == 25.0
     assert {s["method"] for s in saved["sweeps"]} == {"lora", "zflora"}
-    assert "| majority class |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| majority class |" in report and report.count("(the grid's edge: ") == 2  # 2 rates: both are edges
 
     # A new machine: the committed study directory alone, no work directory. Nothing is trained again.
     shutil.rmtree(tmp_path / "work")
@@ -176,7 +177,11 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
 
 @needs_data
 def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories_path, tmp_path, monkeypatch):
+    split, asked = accuracy.train_split, set()
+    monkeypatch.setattr(accuracy, "train_split", lambda cfg, c, *a: asked.add(c) or split(cfg, c, *a))
     accuracy.run(quick(stories_path, tmp_path, categories=("math",), seeds=1, report=None))
+    assert asked == {"commonsense", "math", "summary"}  # the sweep fixes the study's lr: all categories, always
+    monkeypatch.undo()
     cfg = QuantizedAccuracyConfig(study=tmp_path / "study", category="math", precisions=("int4",), block_size=16,
                                   data=DATA, work=tmp_path / "work", output=tmp_path / "quantized",
                                   eval_batch_size=8)  # fmt: skip

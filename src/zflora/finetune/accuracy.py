@@ -297,13 +297,14 @@ def one_run(
 
 def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, Any]:
     """Each learning rate for `sweep_steps` on the three categories' training data mixed, scored by the
-    mean held-out loss over the categories (cached in the study)."""
+    mean held-out loss over the categories (cached in the study). Always all three, whatever `--categories`
+    a sitting runs: the sweep fixes the study's learning rate, and `categories` does not define a study."""
     done = cfg.output / "sweeps" / f"{method}-r{rank}.json"
     if done.is_file():
         return json.loads(done.read_text())
     tokenizer = load_tokenizer(cfg.model)
-    splits = {c: train_split(cfg, c, tokenizer, cfg.sweep_steps * cfg.batch_size) for c in cfg.categories}
-    mixed = [ex for c in cfg.categories for ex in splits[c][0]]
+    splits = {c: train_split(cfg, c, tokenizer, cfg.sweep_steps * cfg.batch_size) for c in CATEGORIES}
+    mixed = [ex for c in CATEGORIES for ex in splits[c][0]]
     random.Random("sweep").shuffle(mixed)
     losses = {}
     for lr in cfg.lrs:

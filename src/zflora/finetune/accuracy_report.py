@@ -315,9 +315,12 @@ def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
              "training step is the comparable figure.", ""]  # fmt: skip
     for sw in out["sweeps"]:
         losses = ", ".join(f"{lr}: {v:.4f}" for lr, v in sw["heldout_loss"].items())
+        grid = [float(lr) for lr in sw["heldout_loss"]]
+        edge = " (the grid's edge: the best rate may lie beyond it)" if len(grid) > 1 and sw["best_lr"] in (
+            min(grid), max(grid)) else ""  # fmt: skip
         lines.append(
             f"- sweep {sw['method']} (r = {sw['rank']}, {sw['steps']} steps, all categories mixed; held-out "
-            f"loss): {losses}; chosen {sw['best_lr']}"
+            f"loss): {losses}; chosen {sw['best_lr']}{edge}"
         )
     for (method, rank), runs in by.items():
         parts = []
