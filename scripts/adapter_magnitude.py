@@ -9,7 +9,10 @@ records (teacher-forced), the ratio ||adapter's part of the output|| / ||base ou
 and, for zFLoRA, the z stream beside the hidden state at each layer's input norm: rms(z) / rms(h),
 which is what every B reads after the norm divides both by rms(h).
 
-.venv/bin/python scripts/adapter_magnitude.py --category math RUN_DIR [RUN_DIR ...]
+.venv/bin/python scripts/adapter_magnitude.py [--category math] [--gradients] RUN_DIR [RUN_DIR ...]
+
+--gradients adds the loss's gradient norm per adapter matrix (A_in, A, B) and layer: where the
+training signal lands.
 
 RUN_DIR: an adapter directory (zFLoRA or PEFT), e.g. a study run's last checkpoint
 (~/.cache/zflora/accuracy/accuracy-smollm2-135m/zflora-r16-s0/math/checkpoint-100). "init:zflora" or
@@ -89,21 +92,27 @@ def attach_hooks(model: torch.nn.Module, rec: Recorder) -> list:
     return handles
 
 
-def measure(model_name: str, run: str, category: str, n: int) -> dict[tuple[str, int], float]:
-    model, tokenizer = load_local_model(model_name), load_tokenizer(model_name)
-    if run.startswith("init:"):
-        model = prepare_model(model, run.removeprefix("init:"), r=16)
-        torch.manual_seed(0)
-        for pname, p in model.named_parameters():
-            if p.requires_grad and ("zflora_B" in pname or "lora_B" in pname):  # B drawn like A, not zero
-                torch.nn.init.kaiming_uniform_(p, a=5**0.5)
-    else:
-        model = attach_adapter(model, Path(run).expanduser())
+def load(model_name: str, run: str) -> torch.nn.Module:
+    model = load_local_model(model_name)
+    if not run.startswith("init:"):
+        return attach_adapter(model, Path(run).expanduser())
+    model = prepare_model(model, run.removeprefix("init:"), r=16)
+    torch.manual_seed(0)
+    for pname, p in model.named_parameters():
+        if p.requires_grad and ("zflora_B" in pname or "lora_B" in pname):  # B drawn like A, not zero
+            torch.nn.init.kaiming_uniform_(p, a=5**0.5)
+    return model
+
+
+def heldout_batch(model_name: str, category: str, n: int) -> dict[str, torch.Tensor]:
+    tokenizer = load_tokenizer(model_name)
     _, val = train_split(AccuracyConfig(model=Path(model_name)), category, tokenizer, 0)
     tokenizer.padding_side = "right"
-    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(
-        tokenize(val[:n], tokenizer, 768).features
-    )
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return collate(tokenize(val[:n], tokenizer, 768).features)
+
+
+def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], float]:
     rec = Recorder(batch["labels"] != -100)
     handles = attach_hooks(model, rec)
     with torch.no_grad():
@@ -111,6 +120,38 @@ def measure(model_name: str, run: str, category: str, n: int) -> dict[tuple[str,
     for h in handles:
         h.remove()
     return rec.ratios()
+
+
+def gradient_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], float]:
+    """The loss's gradient norm per (adapter matrix kind, layer); the input expansion A_in is layer -1."""
+    for name, p in model.named_parameters():
+        p.requires_grad_("zflora_" in name or "lora_" in name)
+    model.train()(**batch).loss.backward()
+    squares: dict[tuple[str, int], float] = defaultdict(float)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            kind = "A_in" if "A_in" in name else "A" if "_A" in name else "B"
+            squares[kind, layer_of(name) if "layers." in name else -1] += float(p.grad.pow(2).sum())
+    return {k: v**0.5 for k, v in squares.items()}
+
+
+def table(run: str, values: dict[tuple[str, int], float], layers: int, statistic=statistics.mean) -> None:
+    """One row per key kind: the statistic over each third of the layers and over all of them."""
+    size = -(-layers // 3)
+    thirds = [range(i, min(i + size, layers)) for i in range(0, layers, size)]
+    print("| run | | " + " | ".join(f"layers {t[0]}-{t[-1]}" for t in thirds) + " | all layers |")
+    print("|---|---|" + "---|" * (len(thirds) + 1))
+    for kind in dict.fromkeys(k for k, _ in values):
+        if (kind, -1) in values:  # not in a layer
+            print(f"| {label(run)} | {kind} | " + " | ".join("" for _ in thirds) + f" | {values[kind, -1]:.4f} |")
+            continue
+        cells = [statistic([values[kind, i] for i in t if (kind, i) in values]) for t in (*thirds, range(layers))]
+        print(f"| {label(run)} | {kind} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    print()
+
+
+def norm(values: list[float]) -> float:
+    return sum(v * v for v in values) ** 0.5
 
 
 def label(run: str) -> str:
@@ -125,21 +166,19 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--category", default="math", choices=("commonsense", "math", "summary"))
     ap.add_argument("--records", type=int, default=16, help="held-out records to run (teacher-forced)")
+    ap.add_argument("--gradients", action="store_true", help="also the loss's gradient norm per matrix and layer")
     args = ap.parse_args()
     machine = describe_machine(environment(torch.device("cpu"), "fp32"))
     print(f"{machine}; {args.category}, {args.records} held-out records, target tokens only\n")
+    batch = heldout_batch(args.model, args.category, args.records)
     for run in args.runs:
-        ratios = measure(args.model, run, args.category, args.records)
-        layers = 1 + max(layer for _, layer in ratios)
-        thirds = [range(i, min(i + -(-layers // 3), layers)) for i in range(0, layers, -(-layers // 3))]
-        print("| run | projection | " + " | ".join(f"layers {t[0]}-{t[-1]}" for t in thirds) + " | all layers |")
-        print("|---|---|" + "---|" * (len(thirds) + 1))
-        for proj in dict.fromkeys(p for p, _ in ratios):
-            cells = [
-                statistics.mean(ratios[proj, i] for i in t if (proj, i) in ratios) for t in (*thirds, range(layers))
-            ]
-            print(f"| {label(run)} | {proj} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
-        print()
+        model = load(args.model, run)
+        layers = model.config.num_hidden_layers
+        print("Adapter part / base output (mean over layers); z/h: rms(z) / rms(h) at each input norm\n")
+        table(run, measure(model, batch), layers)
+        if args.gradients:
+            print("Gradient norm of the loss (over the layers: the norm of their norms)\n")
+            table(run, gradient_norms(model, batch), layers, statistic=norm)
 
 
 if __name__ == "__main__":

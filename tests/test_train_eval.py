@@ -161,6 +161,7 @@ def test_train_options(stories_path, task_file, tmp_path, options):
     main(["train", "--model", str(stories_path), "--data", str(task_file), "--output", str(out), *base, *options])
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["loss"])
+    assert all(h["grad_norm"] > 0 for h in log["loss"])  # the unclipped norm, logged beside each loss
 
 
 def test_train_on_a_quantized_base_gives_an_adapter_of_the_fp32_base(stories_path, task_file, tmp_path):

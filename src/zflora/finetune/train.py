@@ -214,7 +214,11 @@ def train_model(
         "resumed_from": str(resume) if resume else None,
         "wall_s": time.perf_counter() - started,
         "step_time_s": timer.times,
-        "loss": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "loss": [  # grad_norm before clipping (max_grad_norm 1.0): how hard each logged step pulled
+            {"step": h["step"], "loss": h["loss"]} | ({"grad_norm": h["grad_norm"]} if "grad_norm" in h else {})
+            for h in trainer.state.log_history
+            if "loss" in h
+        ],
         "final_train_loss": next((h["train_loss"] for h in trainer.state.log_history if "train_loss" in h), None),
     }  # fmt: skip
     return model, log
