@@ -28,16 +28,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq
 
 from zflora.adapter_io import attach_adapter
-from zflora.finetune.accuracy import train_split
+from zflora.config import DEFAULT_RANK
+from zflora.finetune.accuracy import heldout_batches, train_split
 from zflora.finetune.config import AccuracyConfig
-from zflora.finetune.data import tokenize
 from zflora.hardware import describe_machine, environment
 from zflora.methods import prepare_model
 from zflora.models import load_local_model, load_tokenizer
-from zflora.modules import ZFLoRALinear, ZFLoRARMSNorm, linear
+from zflora.modules import ADAPTER_PREFIX, ZFLoRALinear, ZFLoRARMSNorm, linear
 
 
 def layer_of(name: str) -> int:
@@ -96,7 +95,7 @@ def load(model_name: str, run: str) -> torch.nn.Module:
     model = load_local_model(model_name)
     if not run.startswith("init:"):
         return attach_adapter(model, Path(run).expanduser())
-    model = prepare_model(model, run.removeprefix("init:"), r=16)
+    model = prepare_model(model, run.removeprefix("init:"), r=DEFAULT_RANK)
     torch.manual_seed(0)
     for pname, p in model.named_parameters():
         if p.requires_grad and ("zflora_B" in pname or "lora_B" in pname):  # B drawn like A, not zero
@@ -105,11 +104,10 @@ def load(model_name: str, run: str) -> torch.nn.Module:
 
 
 def heldout_batch(model_name: str, category: str, n: int) -> dict[str, torch.Tensor]:
-    tokenizer = load_tokenizer(model_name)
-    _, val = train_split(AccuracyConfig(model=Path(model_name)), category, tokenizer, 0)
-    tokenizer.padding_side = "right"
-    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    return collate(tokenize(val[:n], tokenizer, 768).features)
+    """The first `n` of the study's held-out records of `category`, as one batch."""
+    cfg, tokenizer = AccuracyConfig(model=Path(model_name)), load_tokenizer(model_name)
+    _, val = train_split(cfg, category, tokenizer, 0)
+    return heldout_batches(tokenizer, val[:n], cfg.max_length, size=n)[0]
 
 
 def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], float]:
@@ -125,7 +123,7 @@ def measure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tupl
 def gradient_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], float]:
     """The loss's gradient norm per (adapter matrix kind, layer); the input expansion A_in is layer -1."""
     for name, p in model.named_parameters():
-        p.requires_grad_("zflora_" in name or "lora_" in name)
+        p.requires_grad_(ADAPTER_PREFIX in name or "lora_" in name)
     model.train()(**batch).loss.backward()
     squares: dict[tuple[str, int], float] = defaultdict(float)
     for name, p in model.named_parameters():

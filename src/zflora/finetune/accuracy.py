@@ -125,21 +125,26 @@ def test_sets(cfg: AccuracyConfig, category: str) -> dict[str, list[tuple[int, d
 # --------------------------------------------------------------------------- evaluation
 
 
-def heldout_loss(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_length: int) -> float:
-    """Mean token loss on held-out training records (teacher-forced)."""
+def heldout_batches(tokenizer: Any, examples: list[Example], max_length: int, size: int = 16) -> list[dict]:
+    """Teacher-forced batches of `size` examples: right-padded, labels only on the target tokens."""
     from transformers import DataCollatorForSeq2Seq
 
     tokenizer.padding_side = "right"
     features = tokenize(examples, tokenizer, max_length).features
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    batches = [collate(features[i : i + size]) for i in range(0, len(features), size)]
+    tokenizer.padding_side = "left"
+    return batches
+
+
+def heldout_loss(model: torch.nn.Module, tokenizer: Any, examples: list[Example], max_length: int) -> float:
+    """Mean token loss on held-out training records (teacher-forced)."""
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(features), 16):
-            batch = collate(features[i : i + 16])
+        for batch in heldout_batches(tokenizer, examples, max_length):
             n = int((batch["labels"][:, 1:] != -100).sum())
             total, count = total + model(**batch).loss.item() * n, count + n
-    tokenizer.padding_side = "left"
     if not count:
         raise ValueError(f"held-out loss: no target token left after truncation to max_length={max_length}")
     return total / count
