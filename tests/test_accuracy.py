@@ -155,6 +155,11 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(accuracy, "evaluate_category", lambda *a, **k: pytest.fail("a finished run was re-evaluated"))
     assert accuracy.run(cfg)["runs"] == out["runs"]
+    # A record from before the study gained a setting reads as that setting's default, what it ran with.
+    record = json.loads((cfg.output / "study.json").read_text())
+    del record["settings"]["warmup_ratio"]
+    (cfg.output / "study.json").write_text(json.dumps(record))
+    assert accuracy.run(cfg)["runs"] == out["runs"]
 
     # A run whose items lost a line is named and run again, not re-scored on fewer records.
     items = cfg.output / "runs" / "zflora-r16-s1" / "math" / "items.jsonl"
@@ -167,6 +172,8 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     before = (cfg.output / "study.json").read_text()
     with pytest.raises(ValueError, match=r"steps \[2, 1, 1\] -> \[3, 1, 1\]"):
         accuracy.run(quick(stories_path, tmp_path, steps=(3, 1, 1)))
+    with pytest.raises(ValueError, match=r"warmup_ratio 0.03 -> 0.1"):
+        accuracy.run(quick(stories_path, tmp_path, warmup_ratio=0.1))
     assert (cfg.output / "study.json").read_text() == before and (cfg.output / "runs").is_dir()
     monkeypatch.undo()
     accuracy.open_study(quick(stories_path, tmp_path, steps=(3, 1, 1), new=True))
@@ -230,11 +237,18 @@ def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, 
 @pytest.mark.parametrize(
     ("field", "value"),
     [("n_test", (-1, -1, -1)), ("n_test", (5, 5)), ("lrs", (float("nan"),)), ("lrs", (-1e-3,)), ("steps", (0, 1, 1)),
-     ("methods", ("dora",)), ("dtype", "fp16")],
+     ("methods", ("dora",)), ("dtype", "fp16"), ("warmup_ratio", 1.0)],
 )  # fmt: skip
 def test_bad_settings_are_refused_up_front(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
         AccuracyConfig(output=tmp_path, **{field: value})
+
+
+def test_every_run_trains_with_the_study_warm_up(stories_path, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(accuracy, "train_model", lambda tc, **kw: seen.append(tc) or (None, {}))
+    accuracy.train(quick(stories_path, tmp_path, warmup_ratio=0.25), "zflora", 4, 1e-3, 0, [], 1, tmp_path / "w")
+    assert seen[0].warmup_ratio == 0.25
 
 
 def test_report_reads_the_study_directory_alone(tmp_path):

@@ -39,7 +39,7 @@ from ..hardware import environment, native_bf16
 from ..methods import matched_rank, prepare_for_eval
 from ..models import load_local_model, load_tokenizer, require_local, torch_dtype
 from ..registry import home
-from .accuracy_report import chart, collect, markdown, sha256, verified
+from .accuracy_report import chart, collect, markdown, recorded_settings, settings, sha256, verified
 from .cloze import to_cloze
 from .config import ADAPTER_METHODS, CATEGORIES, AccuracyConfig, TrainConfig
 from .data import SUMMARY_INSTRUCTION, Example, format_prompt, load_records, to_example, tokenize
@@ -48,20 +48,6 @@ from .likelihood import score_clozes
 from .scoring import extract_label, references, rouge_scores, score_response, summary_references
 from .train import complete_checkpoints, train_model
 
-# Settings that define a study: a rerun with other values would mix incomparable runs.
-DEFINING = (
-    "model",
-    "dtype",
-    "rank",
-    "seeds",
-    "steps",
-    "batch_size",
-    "max_length",
-    "n_val",
-    "n_test",
-    "lrs",
-    "sweep_steps",
-)
 MAX_NEW_TOKENS = {"commonsense": 16, "math": 128, "summary": 64}  # math: 90% of training rationales fit in 119
 
 # --------------------------------------------------------------------------- data
@@ -251,6 +237,7 @@ def train(
         max_length=cfg.max_length,
         seed=seed,
         dtype=cfg.dtype,
+        warmup_ratio=cfg.warmup_ratio,
         save_steps=max(10, steps // 3),
         logging_steps=10,
         progress=False,
@@ -330,16 +317,11 @@ def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, 
 # --------------------------------------------------------------------------- the study
 
 
-def settings(cfg: AccuracyConfig) -> dict[str, Any]:
-    """The defining settings, as JSON stores them (so a rerun compares equal values)."""
-    return json.loads(json.dumps({k: getattr(cfg, k) for k in DEFINING}, default=str))
-
-
 def open_study(cfg: AccuracyConfig) -> None:
     """Create the study's record, or check that this machine and these settings may continue it."""
     record, want = cfg.output / "study.json", settings(cfg)
     if record.is_file():
-        have = json.loads(record.read_text())["settings"]
+        have = recorded_settings(cfg.output)
         if have != want:
             if not cfg.new:
                 diff = ", ".join(f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in want if have.get(k) != want[k])

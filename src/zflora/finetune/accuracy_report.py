@@ -19,11 +19,39 @@ from typing import Any
 
 from ..charts import figure, save_figure
 from ..hardware import describe_machine
+from .config import AccuracyConfig
 from .stats import mean_std, paired_bootstrap
 
 CATEGORY_METRIC = {"commonsense": "acc", "math": "exact", "summary": "rougeL"}
 ACC_NORM_TASKS = ("ARC-Challenge", "ARC-Easy", "openbookqa", "piqa")
 CATEGORY_ORDER = ("commonsense", "math", "summary")
+
+# Settings that define a study: a rerun with other values would mix incomparable runs.
+DEFINING = (
+    "model",
+    "dtype",
+    "rank",
+    "seeds",
+    "steps",
+    "batch_size",
+    "max_length",
+    "n_val",
+    "n_test",
+    "lrs",
+    "sweep_steps",
+    "warmup_ratio",
+)
+
+
+def settings(cfg: AccuracyConfig) -> dict[str, Any]:
+    """The defining settings, as JSON stores them (so a rerun compares equal values)."""
+    return json.loads(json.dumps({k: getattr(cfg, k) for k in DEFINING}, default=str))
+
+
+def recorded_settings(output: Path) -> dict[str, Any]:
+    """The defining settings in the study's record. One that studies gained after this one started reads as
+    its default: the value the study ran with."""
+    return settings(AccuracyConfig()) | json.loads((output / "study.json").read_text())["settings"]
 
 
 def primary(category: str, task: str) -> str:
@@ -144,15 +172,15 @@ def paired(found: list[tuple[dict, list[dict]]], a: str = "zflora", b: str = "lo
 
 def collect(output: Path, data: Path | None = None) -> dict[str, Any]:
     """The study JSON: `{"model", "dtype", "runs": [...], "paired": {...}, ...}` from `output` alone."""
-    study = json.loads((output / "study.json").read_text())
+    st = recorded_settings(output)
     found = _run_rows(output)
     sweeps = [json.loads(p.read_text()) for p in sorted(output.glob("sweeps/*.json"))]
     baselines = json.loads((output / "baselines.json").read_text()) if (output / "baselines.json").is_file() else {}
     envs = [r["environment"] for r, _ in found if "environment" in r]
     return {
-        "model": Path(study["settings"]["model"]).name,
-        "dtype": study["settings"]["dtype"],
-        "settings": study["settings"],
+        "model": Path(st["model"]).name,
+        "dtype": st["dtype"],
+        "settings": st,
         "machines": sorted({describe_machine(e) for e in envs}),
         "baselines": baselines,
         "sweeps": sweeps,
@@ -183,7 +211,8 @@ def markdown(out: dict[str, Any]) -> str:
         f"# Accuracy study: {out['model']} ({out['dtype']})",
         "",
         f"Rank {st['rank']}, {st['seeds']} seeds for lora and zflora (one for the others); training steps "
-        f"{dict(zip(CATEGORY_ORDER, st['steps'], strict=False))} of {st['batch_size']} records; test records per task "
+        f"{dict(zip(CATEGORY_ORDER, st['steps'], strict=False))} of {st['batch_size']} records, warm-up "
+        f"{st['warmup_ratio']:.0%} of the steps; test records per task "
         f"{dict(zip(CATEGORY_ORDER, st['n_test'], strict=False))}. Scores in %, mean ± std over seeds.",
         "",
         "## Category averages (primary metric)",

@@ -77,8 +77,7 @@ class TrainConfig:
         positive_finites(self, "lr", "epochs")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.warmup_ratio < 1:  # transformers reads warmup_steps >= 1 as a count of steps
-            raise ValueError(f"warmup_ratio: must be a fraction of the steps in [0, 1), got {self.warmup_ratio!r}")
+        _warmup_fraction(self.warmup_ratio)
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give one or the other")
         if self.quantized_base is not None and self.quantized_base not in QUANTIZATIONS:
@@ -152,6 +151,11 @@ CATEGORIES: dict[str, tuple[list[str], list[str]]] = {
 STUDY_METHODS = ("base", *ADAPTER_METHODS, "zflora-matched", "fft")
 
 
+def _warmup_fraction(value: float) -> None:
+    if not 0 <= value < 1:  # transformers reads warmup_steps >= 1 as a count of steps
+        raise ValueError(f"warmup_ratio: must be a fraction of the steps in [0, 1), got {value!r}")
+
+
 def _finite_positive_tuple(name: str, values: tuple, kind: type = float) -> None:
     if not values:
         raise ValueError(f"{name}: give at least one value")
@@ -208,6 +212,9 @@ class AccuracyConfig:
         default=(1e-4, 3e-4, 1e-3, 3e-3), metadata={"help": "learning rates swept per method"}
     )
     sweep_steps: int = field(default=30, metadata={"help": "steps of each sweep run (all categories mixed)"})
+    warmup_ratio: float = field(
+        default=TrainConfig.warmup_ratio, metadata={"help": "learning-rate warm-up of every run and sweep"}
+    )
     eval_batch_size: int = 16
     new: bool = field(
         default=False,
@@ -218,6 +225,7 @@ class AccuracyConfig:
     def __post_init__(self) -> None:
         positive_ints(self, "rank", "seeds", "batch_size", "max_length", "n_val", "sweep_steps", "eval_batch_size")
         check_dtype("dtype", self.dtype, TRAIN_DTYPES)
+        _warmup_fraction(self.warmup_ratio)
         if bad := [m for m in self.methods if m not in STUDY_METHODS]:
             raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(STUDY_METHODS)}")
         if bad := [c for c in self.categories if c not in CATEGORIES]:

@@ -33,7 +33,7 @@ from ..methods import prepare_for_eval
 from ..models import load_tokenizer
 from ..quantization import Quantization, simulate
 from .accuracy import evaluate_category, heldout_loss, load_model, run_name, train, train_split, work_dir
-from .accuracy_report import CATEGORY_METRIC, by_task, read_items, sha256, task_scores, verified
+from .accuracy_report import CATEGORY_METRIC, by_task, read_items, recorded_settings, sha256, task_scores, verified
 from .config import CATEGORIES, AccuracyConfig, QuantizedAccuracyConfig
 from .train import last_complete_checkpoint
 
@@ -47,7 +47,7 @@ def study_config(cfg: QuantizedAccuracyConfig) -> AccuracyConfig:
     record = cfg.study / "study.json"
     if not record.is_file():
         raise FileNotFoundError(f"{cfg.study}: no study.json; run `zflora accuracy --output {cfg.study}` first")
-    s = json.loads(record.read_text())["settings"]
+    s = recorded_settings(cfg.study)
     keep = {f.name for f in dataclasses.fields(AccuracyConfig)}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in keep}
     fields |= {"model": Path(s["model"]), "data": cfg.data, "output": cfg.study, "work": cfg.work, "report": None,
