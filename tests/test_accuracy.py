@@ -244,6 +244,14 @@ def test_bad_settings_are_refused_up_front(field, value, tmp_path):
         AccuracyConfig(output=tmp_path, **{field: value})
 
 
+@needs_data
+def test_one_learning_rate_is_used_as_given_without_a_sweep(stories_path, tmp_path):
+    cfg = quick(stories_path, tmp_path, methods=("lora",), categories=("math",), seeds=1, lrs=(3e-3,))
+    (run,) = accuracy.run(cfg)["runs"]
+    assert run["lr"] == 3e-3 and not (cfg.output / "sweeps").exists()
+    assert "learning rate 0.003 for every method, as given" in (tmp_path / "report.md").read_text()
+
+
 def test_every_run_trains_with_the_study_warm_up(stories_path, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(accuracy, "train_model", lambda tc, **kw: seen.append(tc) or (None, {}))

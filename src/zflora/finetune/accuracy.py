@@ -375,7 +375,9 @@ def run(cfg: AccuracyConfig) -> dict[str, Any]:
     sweeps: dict[str, dict[str, Any]] = {}
     for method, rank, seed in runs:
         lr = None
-        if method != "base":
+        if method != "base" and len(cfg.lrs) == 1:
+            lr = cfg.lrs[0]  # one rate, given: nothing to sweep
+        elif method != "base":
             key = "zflora" if method == "zflora-matched" else method  # the sweep at r: one per method
             if key not in sweeps:
                 bar.set_postfix_str(f"sweep {key}")

@@ -41,6 +41,7 @@ DEFINING = (
     "sweep_steps",
     "warmup_ratio",
 )
+ADDED_LATER = {"warmup_ratio": 0.03}  # defining settings a study record may lack, at the value it ran with
 
 
 def settings(cfg: AccuracyConfig) -> dict[str, Any]:
@@ -49,9 +50,9 @@ def settings(cfg: AccuracyConfig) -> dict[str, Any]:
 
 
 def recorded_settings(output: Path) -> dict[str, Any]:
-    """The defining settings in the study's record. One that studies gained after this one started reads as
-    its default: the value the study ran with."""
-    return settings(AccuracyConfig()) | json.loads((output / "study.json").read_text())["settings"]
+    """The defining settings in the study's record; one that studies gained later reads as the value every
+    study ran with before it existed."""
+    return ADDED_LATER | json.loads((output / "study.json").read_text())["settings"]
 
 
 def primary(category: str, task: str) -> str:
@@ -351,6 +352,8 @@ def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
             f"- sweep {sw['method']} (r = {sw['rank']}, {sw['steps']} steps, all categories mixed; held-out "
             f"loss): {losses}; chosen {sw['best_lr']}{edge}"
         )
+    if len(lrs := out["settings"]["lrs"]) == 1:
+        lines.append(f"- learning rate {lrs[0]} for every method, as given (`--lrs` with one value: no sweep)")
     for (method, rank), runs in by.items():
         parts = []
         for c, cost in runs[0]["cost"].items():

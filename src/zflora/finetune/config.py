@@ -209,7 +209,8 @@ class AccuracyConfig:
     n_val: int = field(default=50, metadata={"help": "held-out training records per category (loss, sweep)"})
     n_test: tuple[int, ...] = field(default=(150, 100, 150), metadata={"help": "test records per task, by category"})
     lrs: tuple[float, ...] = field(
-        default=(1e-4, 3e-4, 1e-3, 3e-3), metadata={"help": "learning rates swept per method"}
+        default=(1e-4, 3e-4, 1e-3, 3e-3),
+        metadata={"help": "learning rates swept per method; one value: used as given, no sweep"},
     )
     sweep_steps: int = field(default=30, metadata={"help": "steps of each sweep run (all categories mixed)"})
     warmup_ratio: float = field(
