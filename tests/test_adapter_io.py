@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -403,14 +404,28 @@ def test_a_frozen_compiled_plain_model_is_refused_unchanged(tmp_path):
     assert_same_state(before, state(plain))
 
 
-def test_concurrent_saves_into_one_directory_all_succeed(tmp_path):
-    """B3: each save deleted every temporary file in the directory, the other writer's in flight included."""
+def test_concurrent_saves_into_one_directory_all_succeed(tmp_path, monkeypatch):
+    """B3: each save deleted every temporary file in the directory, the other writer's in flight included.
+    And two saves' weights and configs interleaved, leaving one save's weights beside the other's config."""
     models = []
     for seed in (1, 2):
         m = tiny_model(tie=True)
         zflora.apply_zflora(m, zflora.ZFLoRAConfig(r=8))
         randomize_adapter(m, seed=seed)
         models.append(m)
+    events, io = [], zflora.adapter_io
+    write_weights, write_config = io.atomic_write, io.write_json
+
+    def logged(write, pause):
+        def call(path, *a, **k):
+            events.append((threading.get_ident(), Path(path).name))
+            time.sleep(pause)  # in the middle of a save: the other writer would write its file here
+            return write(path, *a, **k)
+
+        return call
+
+    monkeypatch.setattr(io, "atomic_write", logged(write_weights, 0.002))
+    monkeypatch.setattr(io, "write_json", logged(write_config, 0))
     errors: list[BaseException] = []
 
     def writer(model):
@@ -426,6 +441,8 @@ def test_concurrent_saves_into_one_directory_all_succeed(tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors
+    pairs = [events[i : i + 2] for i in range(0, len(events), 2)]  # each save's weights, then its own config
+    assert all(w[0] == c[0] and (w[1], c[1]) == (WEIGHTS_NAME, CONFIG_NAME) for w, c in pairs)
     loaded = zflora.read_adapter(tmp_path / "shared")  # one whole adapter: the last writer's
     assert any(
         all(torch.equal(loaded.tensors[k], v.detach()) for k, v in zflora.adapter_parameters(m).items()) for m in models

@@ -35,7 +35,7 @@ from torch import nn
 
 from .compiled import is_frozen
 from .config import ZFLoRAConfig
-from .files import atomic_write, read_json_object, remove_stale, write_json
+from .files import atomic_write, read_json_object, remove_stale, write_json, writer_lock
 from .fingerprint import FINGERPRINT_VALUES, base_fingerprint, fingerprinted, leading, recorded
 from .fusion import adapter_tensor
 from .models import head_dim, meta_model
@@ -106,8 +106,9 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter (not the base) into directory `path`, each file atomically.
 
-    The weights first, the config last, both stamped with one save id; temporary files
-    left by an interrupted earlier save are removed. Other files in `path` (a Trainer
+    The weights first, the config last, both stamped with one save id; saves into one
+    directory from several threads or processes take turns, so the last one's pair is
+    what stays. Temporary files left by an interrupted earlier save are removed. Other files in `path` (a Trainer
     checkpoint's optimizer state, say) are left alone. Non-finite weights are refused.
     """
     _require(model)
@@ -126,12 +127,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "base_model": base_identity(model),
         "name_or_path": getattr(model.config, "_name_or_path", "") or "",
     }
-    path.mkdir(parents=True, exist_ok=True)
-    remove_stale([*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")])  # of killed saves
     blob = save(tensors, metadata={"format": "pt", "zflora_save_id": save_id})
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()  # checked at load: flipped bytes that still parse
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(blob))
-    write_json(path / CONFIG_NAME, meta, indent=2)
+    path.mkdir(parents=True, exist_ok=True)
+    with writer_lock(path):  # two saves into one directory: each writes its pair whole, never interleaved
+        remove_stale([*path.glob(f".{WEIGHTS_NAME}.*.tmp"), *path.glob(f".{CONFIG_NAME}.*.tmp")])  # killed saves
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(blob))
+        write_json(path / CONFIG_NAME, meta, indent=2)
     return path
 
 

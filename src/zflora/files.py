@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 STALE_S = 3600  # a temporary file or directory this old belongs to a writer that was killed
 
@@ -40,6 +43,16 @@ def apply_umask(root: Path) -> None:
     umask = current_umask()
     for p in [root, *root.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def writer_lock(path: str | os.PathLike) -> FileLock:
+    """A lock that one writer of `path` holds at a time, across threads and processes of this machine: for
+    a write of several files that belong together. Its lock file lives in the temp directory, not in `path`."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    user = os.getuid() if hasattr(os, "getuid") else "user"  # /tmp is shared; Windows' temp dir is the user's
+    folder = Path(tempfile.gettempdir()) / f"zflora-locks-{user}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return FileLock(folder / f"{key}.lock")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
