@@ -108,8 +108,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 
     The weights first, the config last, both stamped with one save id; saves into one
     directory from several threads or processes take turns, so the last one's pair is
-    what stays. Temporary files left by an interrupted earlier save are removed. Other files in `path` (a Trainer
-    checkpoint's optimizer state, say) are left alone. Non-finite weights are refused.
+    what stays. Temporary files left by an interrupted earlier save are removed. Other
+    files in `path` (a Trainer checkpoint's optimizer state, say) are left alone.
+    Non-finite weights are refused.
     """
     _require(model)
     path = Path(path)
