@@ -155,7 +155,7 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(accuracy, "evaluate_category", lambda *a, **k: pytest.fail("a finished run was re-evaluated"))
     assert accuracy.run(cfg)["runs"] == out["runs"]
-    # A record from before the study gained a setting reads as that setting's default, what it ran with.
+    # A record from before the study gained a setting reads as the value it ran with (warm-up 3%).
     record = json.loads((cfg.output / "study.json").read_text())
     del record["settings"]["warmup_ratio"]
     (cfg.output / "study.json").write_text(json.dumps(record))

@@ -374,10 +374,11 @@ def run(cfg: AccuracyConfig) -> dict[str, Any]:
     bar = tqdm(total=len(runs) * len(cfg.categories), disable=not cfg.progress, desc="zflora accuracy", unit="run")
     sweeps: dict[str, dict[str, Any]] = {}
     for method, rank, seed in runs:
-        lr = None
-        if method != "base" and len(cfg.lrs) == 1:
+        if method == "base":
+            lr = None
+        elif len(cfg.lrs) == 1:
             lr = cfg.lrs[0]  # one rate, given: nothing to sweep
-        elif method != "base":
+        else:
             key = "zflora" if method == "zflora-matched" else method  # the sweep at r: one per method
             if key not in sweeps:
                 bar.set_postfix_str(f"sweep {key}")
