@@ -157,7 +157,7 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     assert accuracy.run(cfg)["runs"] == out["runs"]
     # A record from before the study gained a setting reads as the value it ran with (warm-up 3%).
     record = json.loads((cfg.output / "study.json").read_text())
-    del record["settings"]["warmup_ratio"]
+    del record["settings"]["warmup_ratio"], record["settings"]["loraplus_lr_ratio"]
     (cfg.output / "study.json").write_text(json.dumps(record))
     assert accuracy.run(cfg)["runs"] == out["runs"]
 
@@ -174,6 +174,8 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
         accuracy.run(quick(stories_path, tmp_path, steps=(3, 1, 1)))
     with pytest.raises(ValueError, match=r"warmup_ratio 0.03 -> 0.1"):
         accuracy.run(quick(stories_path, tmp_path, warmup_ratio=0.1))
+    with pytest.raises(ValueError, match=r"loraplus_lr_ratio None -> 4.0"):
+        accuracy.run(quick(stories_path, tmp_path, loraplus_lr_ratio=4.0))
     assert (cfg.output / "study.json").read_text() == before and (cfg.output / "runs").is_dir()
     monkeypatch.undo()
     accuracy.open_study(quick(stories_path, tmp_path, steps=(3, 1, 1), new=True))
@@ -237,7 +239,7 @@ def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, 
 @pytest.mark.parametrize(
     ("field", "value"),
     [("n_test", (-1, -1, -1)), ("n_test", (5, 5)), ("lrs", (float("nan"),)), ("lrs", (-1e-3,)), ("steps", (0, 1, 1)),
-     ("methods", ("dora",)), ("dtype", "fp16"), ("warmup_ratio", 1.0)],
+     ("methods", ("dora",)), ("dtype", "fp16"), ("warmup_ratio", 1.0), ("loraplus_lr_ratio", 0.0)],
 )  # fmt: skip
 def test_bad_settings_are_refused_up_front(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
@@ -246,17 +248,22 @@ def test_bad_settings_are_refused_up_front(field, value, tmp_path):
 
 @needs_data
 def test_one_learning_rate_is_used_as_given_without_a_sweep(stories_path, tmp_path):
-    cfg = quick(stories_path, tmp_path, methods=("lora",), categories=("math",), seeds=1, lrs=(3e-3,))
+    cfg = quick(stories_path, tmp_path, methods=("lora",), categories=("math",), seeds=1, lrs=(3e-3,),
+                loraplus_lr_ratio=4.0)  # fmt: skip
     (run,) = accuracy.run(cfg)["runs"]
     assert run["lr"] == 3e-3 and not (cfg.output / "sweeps").exists()
-    assert "learning rate 0.003 for every method, as given" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "learning rate 0.003 for every method, as given" in report
+    assert "LoRA+ (the B matrices at 4 x the lr column, the A matrices at it)" in report
 
 
-def test_every_run_trains_with_the_study_warm_up(stories_path, tmp_path, monkeypatch):
+def test_every_run_trains_with_the_study_warm_up_and_learning_rates(stories_path, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(accuracy, "train_model", lambda tc, **kw: seen.append(tc) or (None, {}))
-    accuracy.train(quick(stories_path, tmp_path, warmup_ratio=0.25), "zflora", 4, 1e-3, 0, [], 1, tmp_path / "w")
-    assert seen[0].warmup_ratio == 0.25
+    cfg = quick(stories_path, tmp_path, warmup_ratio=0.25, loraplus_lr_ratio=4.0)
+    for method in ("zflora", "lora", "fft"):
+        accuracy.train(cfg, method, 4, 1e-3, 0, [], 1, tmp_path / method)
+    assert [(tc.warmup_ratio, tc.loraplus_lr_ratio) for tc in seen] == [(0.25, 4.0), (0.25, 4.0), (0.25, None)]
 
 
 def test_report_reads_the_study_directory_alone(tmp_path):

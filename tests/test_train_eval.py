@@ -65,6 +65,42 @@ def test_resume_equals_uninterrupted(stories_path, task_file, tmp_path, method):
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+class GroupRates(TrainerCallback):
+    """The learning rate each trainable parameter had at each optimizer step, by name."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.steps.append({names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]})
+
+
+@pytest.mark.parametrize("method", ["zflora", "lora"])
+def test_loraplus_ratio_gives_the_b_matrices_a_multiple_of_the_rate(stories_path, task_file, tmp_path, method):
+    """LoRA+: every B learns at ratio x the A's rate (zFLoRA's A_in among the A's), at every step of the schedule;
+    ratio 1 trains exactly as one rate for all."""
+    rates = GroupRates()
+    run = dict(method=method, max_steps=4, save_steps=-1)
+    model, _ = train_model(_cfg(stories_path, task_file, tmp_path / "plus", **run, loraplus_lr_ratio=4.0),
+                           callbacks=[rates])  # fmt: skip
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(rates.steps) == 4 and all(step.keys() == trainable for step in rates.steps)
+    if method == "zflora":
+        assert any(n.endswith("zflora_A_in") for n in trainable)
+    for step in rates.steps:
+        a = {lr for n, lr in step.items() if not n.endswith(("zflora_B", "lora_B.default.weight"))}
+        b = {lr for n, lr in step.items() if n.endswith(("zflora_B", "lora_B.default.weight"))}
+        assert len(a) == len(b) == 1 and b.pop() == pytest.approx(4 * a.pop())
+    assert max(next(iter(step.values())) for step in rates.steps) > 0
+    plain, _ = train_model(_cfg(stories_path, task_file, tmp_path / "plain", **run))
+    one, _ = train_model(_cfg(stories_path, task_file, tmp_path / "one", **run, loraplus_lr_ratio=1.0))
+    a, b, c = (dict(m.named_parameters()) for m in (plain, one, model))
+    for n in trainable:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+    assert any(not torch.equal(a[n], c[n]) for n in trainable if "_B" in n)
+
+
 @pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", "adapter_model.safetensors"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(stories_path, task_file, tmp_path, capsys, damage):
     out = tmp_path / "run"
@@ -238,6 +274,8 @@ def _exit_code(argv: list[str]) -> int | str:
         (["--epochs", "0"], "epochs: must be a positive finite number"),
         (["--batch-size", "0"], "batch_size: must be a positive integer"),
         (["--limit", "-1"], "limit: must be a positive integer"),
+        (["--loraplus-lr-ratio", "0"], "loraplus_lr_ratio: must be a positive finite number"),
+        (["--method", "fft", "--loraplus-lr-ratio", "4"], "loraplus_lr_ratio: splits an adapter's A and B"),
     ],
 )
 def test_train_refuses_bad_hyper_parameters_with_usage_exit(tmp_path, capsys, flags, match):

@@ -40,8 +40,10 @@ DEFINING = (
     "lrs",
     "sweep_steps",
     "warmup_ratio",
+    "loraplus_lr_ratio",
 )
-ADDED_LATER = {"warmup_ratio": 0.03}  # defining settings a study record may lack, at the value it ran with
+# Defining settings a study record may lack, at the value every study ran with before the setting existed.
+ADDED_LATER = {"warmup_ratio": 0.03, "loraplus_lr_ratio": None}
 
 
 def settings(cfg: AccuracyConfig) -> dict[str, Any]:
@@ -205,6 +207,11 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return [_row(head), "|" + "---|" * len(head), *map(_row, rows), ""]
 
 
+def _loraplus(settings: dict[str, Any]) -> str:
+    ratio = settings.get("loraplus_lr_ratio")
+    return "" if ratio is None else f", LoRA+ (the B matrices at {ratio:g} x the lr column, the A matrices at it)"
+
+
 def markdown(out: dict[str, Any]) -> str:
     cats = [c for c in CATEGORY_ORDER if any(c in r["category_avg"] for r in out["runs"])]
     st, by = out["settings"], groups(out)
@@ -213,7 +220,7 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         f"Rank {st['rank']}, {st['seeds']} seeds for lora and zflora (one for the others); training steps "
         f"{dict(zip(CATEGORY_ORDER, st['steps'], strict=False))} of {st['batch_size']} records, warm-up "
-        f"{st['warmup_ratio']:.0%} of the steps; test records per task "
+        f"{st['warmup_ratio']:.0%} of the steps{_loraplus(st)}; test records per task "
         f"{dict(zip(CATEGORY_ORDER, st['n_test'], strict=False))}. Scores in %, mean ± std over seeds.",
         "",
         "## Category averages (primary metric)",

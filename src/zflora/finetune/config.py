@@ -50,6 +50,11 @@ class TrainConfig:
         default=0.03, metadata={"help": "learning-rate warm-up, a fraction of the steps in [0, 1)"}
     )
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+: the B matrices learn at this multiple of --lr, the A matrices (and zFLoRA's A_in) "
+                  "at --lr (PEFT's create_loraplus_optimizer convention); default: one rate for all"},
+    )  # fmt: skip
     dtype: str = field(default="fp32", metadata={"choices": TRAIN_DTYPES,
                                                  "help": "bf16 only where the hardware runs it natively"})  # fmt: skip
     gradient_checkpointing: bool = False
@@ -78,6 +83,10 @@ class TrainConfig:
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
         _warmup_fraction(self.warmup_ratio)
+        if self.loraplus_lr_ratio is not None:
+            positive_finite("loraplus_lr_ratio", self.loraplus_lr_ratio)
+            if self.method == "fft":
+                raise ValueError("loraplus_lr_ratio: splits an adapter's A and B matrices; fft has none")
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give one or the other")
         if self.quantized_base is not None and self.quantized_base not in QUANTIZATIONS:
@@ -216,6 +225,11 @@ class AccuracyConfig:
     warmup_ratio: float = field(
         default=TrainConfig.warmup_ratio, metadata={"help": "learning-rate warm-up of every run and sweep"}
     )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+ for every adapter run and sweep: B matrices at this multiple of the (swept) "
+                  "learning rate, which the A matrices keep"},
+    )  # fmt: skip
     eval_batch_size: int = 16
     new: bool = field(
         default=False,
@@ -227,6 +241,8 @@ class AccuracyConfig:
         positive_ints(self, "rank", "seeds", "batch_size", "max_length", "n_val", "sweep_steps", "eval_batch_size")
         check_dtype("dtype", self.dtype, TRAIN_DTYPES)
         _warmup_fraction(self.warmup_ratio)
+        if self.loraplus_lr_ratio is not None:
+            positive_finite("loraplus_lr_ratio", self.loraplus_lr_ratio)
         if bad := [m for m in self.methods if m not in STUDY_METHODS]:
             raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(STUDY_METHODS)}")
         if bad := [c for c in self.categories if c not in CATEGORIES]:

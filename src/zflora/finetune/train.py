@@ -32,7 +32,7 @@ from ..hardware import environment
 from ..methods import count_trainable_parameters, prepare_model
 from ..models import load_local_model, load_tokenizer, torch_dtype
 from ..quantization import Quantization, simulate
-from ..transform import is_zflora
+from ..transform import adapter_parameters, is_zflora
 from .config import TrainConfig
 from .data import Example, load_examples, tokenize
 
@@ -53,8 +53,45 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def loraplus_optimizer(
+    model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], ratio: float, decay: float
+) -> torch.optim.Optimizer:
+    """LoRA+ (Hayou et al., 2024): the `B` matrices learn at `ratio` times the learning rate in `kwargs`, the `A`
+    matrices at it. LoRA: PEFT's `create_loraplus_optimizer`. zFLoRA: the same split, with `A_in` among the `A`s:
+    they write the `z` stream that every later layer's `B`s read."""
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr")
+    if not is_zflora(model):
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model, optimizer_cls, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=decay, **kwargs
+        )
+    groups: dict[str, list[nn.Parameter]] = {"A": [], "B": []}
+    for name, p in adapter_parameters(model).items():
+        if p.requires_grad:
+            groups["B" if name.rsplit(".", 1)[-1] == "zflora_B" else "A"].append(p)
+    return optimizer_cls(
+        [{"params": groups["A"], "lr": lr, "weight_decay": decay},
+         {"params": groups["B"], "lr": lr * ratio, "weight_decay": decay}],
+        lr=lr, **kwargs,
+    )  # fmt: skip
+
+
 class AdapterTrainer(Trainer):
-    """`Trainer` whose zFLoRA checkpoints hold the adapter only, and that marks complete checkpoints."""
+    """`Trainer` whose zFLoRA checkpoints hold the adapter only, that marks complete checkpoints, and that trains
+    with LoRA+ learning rates when given `loraplus_lr_ratio`."""
+
+    def __init__(self, *args: Any, loraplus_lr_ratio: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None and self.loraplus_lr_ratio is not None:
+            target = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+            self.optimizer = loraplus_optimizer(target, cls, kwargs, self.loraplus_lr_ratio, self.args.weight_decay)
+        return super().create_optimizer(model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -166,7 +203,10 @@ def build_trainer(
     check_extra(cfg.extra, ours)
     args = TrainingArguments(**ours, **cfg.extra)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-    return AdapterTrainer(model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
+    return AdapterTrainer(
+        model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks,
+        loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+    )  # fmt: skip
 
 
 def load_base(cfg: TrainConfig) -> nn.Module:
