@@ -12,7 +12,9 @@ which is what every B reads after the norm divides both by rms(h).
 .venv/bin/python scripts/adapter_magnitude.py [--category math] [--gradients] RUN_DIR [RUN_DIR ...]
 
 --gradients adds the loss's gradient norm per adapter matrix (A_in, A, B) and layer: where the
-training signal lands.
+training signal lands. --drift adds how far training moved each A matrix (and A_in) from its
+initialisation, ||A - A_0|| / ||A_0||, for a study run's checkpoint: A_0 is drawn again from the
+run's seed exactly as training drew it (seed set, then the method applied to the base).
 
 RUN_DIR: an adapter directory (zFLoRA or PEFT), e.g. a study run's last checkpoint
 (~/.cache/zflora/accuracy/accuracy-smollm2-135m/zflora-r16-s0/math/checkpoint-100). "init:zflora" or
@@ -133,6 +135,24 @@ def gradient_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> di
     return {k: v**0.5 for k, v in squares.items()}
 
 
+def drift(model: torch.nn.Module, model_name: str, run: str) -> dict[tuple[str, int], float]:
+    """||A - A_0|| / ||A_0|| per (A kind, layer) of a study run's checkpoint; A_in is layer -1."""
+    name = Path(run).parent.parent.name  # zflora-r16-s0
+    method, rank, seed = name.rsplit("-", 2)
+    method = "zflora" if method == "zflora-matched" else method
+    base = load_local_model(model_name)
+    torch.manual_seed(int(seed.removeprefix("s")))  # then the method: as train_model draws the initialisation
+    init = dict(prepare_model(base, method, r=int(rank.removeprefix("r"))).named_parameters())
+    moved: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for pname, p in model.named_parameters():
+        if ("_A" in pname) and (ADAPTER_PREFIX in pname or "lora_" in pname):
+            a0 = init[pname]
+            key = ("A_in" if "A_in" in pname else "A", layer_of(pname) if "layers." in pname else -1)
+            moved[key][0] += float((p.detach() - a0.detach()).pow(2).sum())
+            moved[key][1] += float(a0.detach().pow(2).sum())
+    return {k: (d / n) ** 0.5 for k, (d, n) in moved.items()}
+
+
 def table(run: str, values: dict[tuple[str, int], float], layers: int, statistic=statistics.mean) -> None:
     """One row per key kind: the statistic over each third of the layers and over all of them."""
     size = -(-layers // 3)
@@ -165,6 +185,7 @@ def main() -> None:
     ap.add_argument("--category", default="math", choices=("commonsense", "math", "summary"))
     ap.add_argument("--records", type=int, default=16, help="held-out records to run (teacher-forced)")
     ap.add_argument("--gradients", action="store_true", help="also the loss's gradient norm per matrix and layer")
+    ap.add_argument("--drift", action="store_true", help="also ||A - A_0|| / ||A_0|| of a study run's A matrices")
     args = ap.parse_args()
     machine = describe_machine(environment(torch.device("cpu"), "fp32"))
     print(f"{machine}; {args.category}, {args.records} held-out records, target tokens only\n")
@@ -177,6 +198,9 @@ def main() -> None:
         if args.gradients:
             print("Gradient norm of the loss (over the layers: the norm of their norms)\n")
             table(run, gradient_norms(model, batch), layers, statistic=norm)
+        if args.drift:
+            print("How far each A moved from its initialisation: ||A - A_0|| / ||A_0|| (mean over layers)\n")
+            table(run, drift(model, args.model, run), layers)
 
 
 if __name__ == "__main__":
