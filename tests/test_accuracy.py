@@ -13,7 +13,7 @@ import torch
 from conftest import SHARED
 
 from zflora.finetune import accuracy, quantized
-from zflora.finetune.accuracy_report import collect, sha256
+from zflora.finetune.accuracy_report import collect, paired_across, sha256
 from zflora.finetune.cloze import parse, to_cloze
 from zflora.finetune.config import AccuracyConfig, QuantizedAccuracyConfig
 from zflora.finetune.data import DataError, load_records
@@ -266,19 +266,43 @@ def test_every_run_trains_with_the_study_warm_up_and_learning_rates(stories_path
     assert [(tc.warmup_ratio, tc.loraplus_lr_ratio) for tc in seen] == [(0.25, 4.0), (0.25, 4.0), (0.25, None)]
 
 
-def test_report_reads_the_study_directory_alone(tmp_path):
-    """collect() needs nothing but the directory: the committed files are the whole record."""
-    (tmp_path / "runs" / "lora-r4-s0" / "math").mkdir(parents=True)
-    (tmp_path / "study.json").write_text(json.dumps({"settings": {"model": "/x/m", "dtype": "fp32"}}))
-    run = tmp_path / "runs" / "lora-r4-s0" / "math"
-    (run / "items.jsonl").write_text("".join(json.dumps({"task": t, "item": i, "exact": float(i < 1)}) + "\n"
-                                             for t in ("a", "b") for i in range(2)))  # fmt: skip
-    (run / "result.json").write_text(json.dumps({"method": "lora", "rank": 4, "seed": 0, "lr": 1e-3,
+def _study(root, settings: dict, method: str, seed: int, exact: list[float], items=None, tasks=("a",)) -> None:
+    """A study directory with one finished math run: per task, `exact` of item 0, 1, ... (or of `items`)."""
+    run = root / "runs" / f"{method}-r4-s{seed}" / "math"
+    run.mkdir(parents=True, exist_ok=True)
+    (root / "study.json").write_text(json.dumps({"settings": {"model": "/x/m", "dtype": "fp32"} | settings}))
+    rows = [{"task": t, "item": i, "exact": e} for t in tasks for i, e in zip(items or range(9), exact, strict=False)]
+    (run / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "result.json").write_text(json.dumps({"method": method, "rank": 4, "seed": seed, "lr": 1e-3,
                                                  "category": "math", "heldout_loss": 1.5,
                                                  "items_sha256": sha256(run / "items.jsonl")}))  # fmt: skip
+
+
+def test_report_reads_the_study_directory_alone(tmp_path):
+    """collect() needs nothing but the directory: the committed files are the whole record."""
+    _study(tmp_path, {}, "lora", 0, [1.0, 0.0], tasks=("a", "b"))
     out = collect(tmp_path)
     (r,) = out["runs"]
     assert r["scores"] == {"a": 50.0, "b": 50.0} and r["category_avg"] == {"math": 50.0} and out["model"] == "m"
+
+
+def test_paired_across_two_studies_pairs_items_and_seeds_and_names_what_differs(tmp_path):
+    """An ablation's zFLoRA against the main study's LoRA: the same items, the seeds both ran."""
+    main, ablation = tmp_path / "main", tmp_path / "ablation"
+    for seed, (z, lo) in enumerate([([1, 1, 0, 0], [1, 0, 0, 0]), ([1, 1, 1, 0], [0, 0, 0, 0])]):
+        _study(main, {"warmup_ratio": 0.03}, "lora", seed, lo)
+        _study(main, {"warmup_ratio": 0.03}, "zflora", seed, [0, 0, 0, 0])  # the main study's zFLoRA: not read
+        _study(ablation, {"warmup_ratio": 0.1}, "zflora", seed, z)
+    _study(ablation, {"warmup_ratio": 0.1}, "zflora", 2, [1, 1, 1, 1])  # a seed the other study lacks: not paired
+    out = paired_across(ablation, main)
+    assert out["differing_settings"] == {"warmup_ratio": [0.1, 0.03]}
+    p = out["paired"]["math"]
+    assert p["seeds"] == [0, 1] and p["items"] == 4
+    assert p["diff"] == pytest.approx(100 * (1 / 4 + 3 / 4) / 2)  # per item, averaged over the two seeds
+    assert paired_across(main, main)["paired"] == collect(main)["paired"]  # a study against itself: its own
+    _study(ablation, {"warmup_ratio": 0.1}, "zflora", 1, [1, 1, 1, 0], items=[0, 1, 2, 9])
+    with pytest.raises(ValueError, match="math seed 1 scored other test items"):
+        paired_across(ablation, main)
 
 
 def test_lead2_takes_the_first_two_utterances_without_speakers():

@@ -173,6 +173,26 @@ def paired(found: list[tuple[dict, list[dict]]], a: str = "zflora", b: str = "lo
     return out
 
 
+def paired_across(a: Path, b: Path, method_a: str = "zflora", method_b: str = "lora") -> dict[str, Any]:
+    """`method_a`'s runs in study `a` against `method_b`'s in study `b`, paired over the same test items and
+    seeds: an ablation's zFLoRA against the main study's LoRA. Refused unless both studies scored the same
+    items; the defining settings that differ (the ablation's) are named in the result."""
+    found = [({**r, "method": "a"}, i) for r, i in _run_rows(a) if r["method"] == method_a]
+    found += [({**r, "method": "b"}, i) for r, i in _run_rows(b) if r["method"] == method_b]
+    for category in CATEGORY_ORDER:
+        mine, theirs = _per_item(found, "a", category), _per_item(found, "b", category)
+        for seed in sorted(set(mine) & set(theirs)):
+            if mine[seed].keys() != theirs[seed].keys():
+                raise ValueError(f"{a}, {b}: {category} seed {seed} scored other test items; not comparable")
+    sa, sb = recorded_settings(a), recorded_settings(b)
+    return {
+        "a": f"{method_a} in {a}",
+        "b": f"{method_b} in {b}",
+        "differing_settings": {k: [sa.get(k), sb.get(k)] for k in DEFINING if sa.get(k) != sb.get(k)},
+        "paired": paired(found, "a", "b"),
+    }
+
+
 def collect(output: Path, data: Path | None = None) -> dict[str, Any]:
     """The study JSON: `{"model", "dtype", "runs": [...], "paired": {...}, ...}` from `output` alone."""
     st = recorded_settings(output)
