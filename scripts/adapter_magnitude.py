@@ -9,7 +9,7 @@ records (teacher-forced), the ratio ||adapter's part of the output|| / ||base ou
 and, for zFLoRA, the z stream beside the hidden state at each layer's input norm: rms(z) / rms(h),
 which is what every B reads after the norm divides both by rms(h).
 
-.venv/bin/python scripts/adapter_magnitude.py [--category math] [--gradients] RUN_DIR [RUN_DIR ...]
+.venv/bin/python scripts/adapter_magnitude.py [--category math] [--gradients] [--drift] RUN_DIR [RUN_DIR ...]
 
 --gradients adds the loss's gradient norm per adapter matrix (A_in, A, B) and layer: where the
 training signal lands. --drift adds how far training moved each A matrix (and A_in) from its
@@ -145,7 +145,7 @@ def drift(model: torch.nn.Module, model_name: str, run: str) -> dict[tuple[str, 
     init = dict(prepare_model(base, method, r=int(rank.removeprefix("r"))).named_parameters())
     moved: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for pname, p in model.named_parameters():
-        if ("_A" in pname) and (ADAPTER_PREFIX in pname or "lora_" in pname):
+        if "_A" in pname and (ADAPTER_PREFIX in pname or "lora_" in pname):
             a0 = init[pname]
             key = ("A_in" if "A_in" in pname else "A", layer_of(pname) if "layers." in pname else -1)
             moved[key][0] += float((p.detach() - a0.detach()).pow(2).sum())
