@@ -271,7 +271,8 @@ def _study(root, settings: dict, method: str, seed: int, exact: list[float], ite
     run = root / "runs" / f"{method}-r4-s{seed}" / "math"
     run.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps({"settings": {"model": "/x/m", "dtype": "fp32"} | settings}))
-    rows = [{"task": t, "item": i, "exact": e} for t in tasks for i, e in zip(items or range(9), exact, strict=False)]
+    rows = [{"task": t, "item": i, "exact": e} for t in tasks for i, e in zip(items or range(len(exact)), exact,
+                                                                                  strict=True)]  # fmt: skip
     (run / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "result.json").write_text(json.dumps({"method": method, "rank": 4, "seed": seed, "lr": 1e-3,
                                                  "category": "math", "heldout_loss": 1.5,

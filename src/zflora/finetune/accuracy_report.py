@@ -165,6 +165,8 @@ def paired(found: list[tuple[dict, list[dict]]], a: str = "zflora", b: str = "lo
         seeds = sorted(set(mine) & set(theirs))
         if not seeds:
             continue
+        if bad := [s for s in seeds if mine[s].keys() != theirs[s].keys()]:
+            raise ValueError(f"{a}, {b}: {category} seed {bad[0]} scored other test items; not comparable")
         diffs: dict[str, list[float]] = {}
         for task, item in mine[seeds[0]]:
             d = statistics.fmean(mine[s][(task, item)] - theirs[s][(task, item)] for s in seeds)
@@ -177,19 +179,15 @@ def paired_across(a: Path, b: Path, method_a: str = "zflora", method_b: str = "l
     """`method_a`'s runs in study `a` against `method_b`'s in study `b`, paired over the same test items and
     seeds: an ablation's zFLoRA against the main study's LoRA. Refused unless both studies scored the same
     items; the defining settings that differ (the ablation's) are named in the result."""
-    found = [({**r, "method": "a"}, i) for r, i in _run_rows(a) if r["method"] == method_a]
-    found += [({**r, "method": "b"}, i) for r, i in _run_rows(b) if r["method"] == method_b]
-    for category in CATEGORY_ORDER:
-        mine, theirs = _per_item(found, "a", category), _per_item(found, "b", category)
-        for seed in sorted(set(mine) & set(theirs)):
-            if mine[seed].keys() != theirs[seed].keys():
-                raise ValueError(f"{a}, {b}: {category} seed {seed} scored other test items; not comparable")
+    label_a, label_b = f"{method_a} in {a}", f"{method_b} in {b}"
+    found = [({**r, "method": label_a}, i) for r, i in _run_rows(a) if r["method"] == method_a]
+    found += [({**r, "method": label_b}, i) for r, i in _run_rows(b) if r["method"] == method_b]
     sa, sb = recorded_settings(a), recorded_settings(b)
     return {
-        "a": f"{method_a} in {a}",
-        "b": f"{method_b} in {b}",
+        "a": label_a,
+        "b": label_b,
         "differing_settings": {k: [sa.get(k), sb.get(k)] for k in DEFINING if sa.get(k) != sb.get(k)},
-        "paired": paired(found, "a", "b"),
+        "paired": paired(found, label_a, label_b),
     }
 
 
