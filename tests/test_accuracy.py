@@ -157,7 +157,7 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     assert accuracy.run(cfg)["runs"] == out["runs"]
     # A record from before the study gained a setting reads as the value it ran with (warm-up 3%).
     record = json.loads((cfg.output / "study.json").read_text())
-    del record["settings"]["warmup_ratio"], record["settings"]["loraplus_lr_ratio"]
+    del record["settings"]["warmup_ratio"], record["settings"]["loraplus_lr_ratio"], record["settings"]["targets"]
     (cfg.output / "study.json").write_text(json.dumps(record))
     assert accuracy.run(cfg)["runs"] == out["runs"]
 
@@ -176,6 +176,8 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
         accuracy.run(quick(stories_path, tmp_path, warmup_ratio=0.1))
     with pytest.raises(ValueError, match=r"loraplus_lr_ratio None -> 4.0"):
         accuracy.run(quick(stories_path, tmp_path, loraplus_lr_ratio=4.0))
+    with pytest.raises(ValueError, match=r"targets None -> \['q', 'up'\]"):
+        accuracy.run(quick(stories_path, tmp_path, methods=("base", "lora", "zflora"), targets=("up", "q_proj")))
     assert (cfg.output / "study.json").read_text() == before and (cfg.output / "runs").is_dir()
     monkeypatch.undo()
     accuracy.open_study(quick(stories_path, tmp_path, steps=(3, 1, 1), new=True))
@@ -239,11 +241,20 @@ def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, 
 @pytest.mark.parametrize(
     ("field", "value"),
     [("n_test", (-1, -1, -1)), ("n_test", (5, 5)), ("lrs", (float("nan"),)), ("lrs", (-1e-3,)), ("steps", (0, 1, 1)),
-     ("methods", ("dora",)), ("dtype", "fp16"), ("warmup_ratio", 1.0), ("loraplus_lr_ratio", 0.0)],
+     ("methods", ("dora",)), ("dtype", "fp16"), ("warmup_ratio", 1.0), ("loraplus_lr_ratio", 0.0),
+     ("targets", ("q", "qq"))],
 )  # fmt: skip
 def test_bad_settings_are_refused_up_front(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
-        AccuracyConfig(output=tmp_path, **{field: value})
+        AccuracyConfig(output=tmp_path, **({"methods": ("lora", "zflora")} | {field: value}))
+
+
+def test_targets_are_refused_with_methods_whose_projections_are_fixed(tmp_path):
+    with pytest.raises(ValueError, match="targets: lora-mha, zflora-mha, zflora-matched fix their projections"):
+        AccuracyConfig(output=tmp_path, targets=("q", "v"))  # the default methods include them
+    with pytest.raises(ValueError, match="targets: .* has no input projection"):  # zflora: its stream unread
+        AccuracyConfig(output=tmp_path, methods=("lora", "zflora"), targets=("o", "down"))
+    assert AccuracyConfig(output=tmp_path, methods=("lora",), targets=("o", "down")).targets == ["o", "down"]
 
 
 @needs_data
@@ -255,15 +266,18 @@ def test_one_learning_rate_is_used_as_given_without_a_sweep(stories_path, tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "learning rate 0.003 for every method, as given" in report
     assert "LoRA+ (the B matrices at 4 x the lr column, the A matrices at it)" in report
+    assert "adapters on" not in report  # every projection: the usual recipe, nothing to say
 
 
 def test_every_run_trains_with_the_study_warm_up_and_learning_rates(stories_path, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(accuracy, "train_model", lambda tc, **kw: seen.append(tc) or (None, {}))
-    cfg = quick(stories_path, tmp_path, warmup_ratio=0.25, loraplus_lr_ratio=4.0)
+    cfg = quick(stories_path, tmp_path, warmup_ratio=0.25, loraplus_lr_ratio=4.0, methods=("lora", "zflora", "fft"),
+                targets=("q", "v"))  # fmt: skip
     for method in ("zflora", "lora", "fft"):
         accuracy.train(cfg, method, 4, 1e-3, 0, [], 1, tmp_path / method)
-    assert [(tc.warmup_ratio, tc.loraplus_lr_ratio) for tc in seen] == [(0.25, 4.0), (0.25, 4.0), (0.25, None)]
+    assert [(tc.warmup_ratio, tc.loraplus_lr_ratio, tc.targets) for tc in seen] == [
+        (0.25, 4.0, ["q", "v"]), (0.25, 4.0, ["q", "v"]), (0.25, None, None)]  # fmt: skip
 
 
 def _study(root, settings: dict, method: str, seed: int, exact: list[float], items=None, tasks=("a",)) -> None:

@@ -101,6 +101,28 @@ def test_loraplus_ratio_gives_the_b_matrices_a_multiple_of_the_rate(stories_path
     assert any(not torch.equal(a[n], c[n]) for n in trainable if "_B" in n)
 
 
+@pytest.mark.parametrize("method", ["zflora", "lora"])
+def test_targets_choose_the_projections_that_are_adapted(stories_path, task_file, tmp_path, method):
+    """`--targets q,k,v,gate,up`: only those projections train (zFLoRA's stream then starts at A_in alone), and
+    the saved adapter records them."""
+    argv = ["--targets", "q_proj,k,v,gate,up"]
+    from zflora.cli import build_parser
+
+    parsed = build_parser("train").parse_args(["train", "--model", "m", "--data", "d", "--output", "o", *argv])
+    assert parsed.targets == ["q_proj", "k", "v", "gate", "up"]
+    cfg = _cfg(stories_path, task_file, tmp_path / "run", method=method, targets=parsed.targets, max_steps=2)
+    model, log = train_model(cfg)
+    adapted = {next(part for part in n.split(".") if part.endswith("_proj"))
+               for n, p in model.named_parameters() if p.requires_grad and "_proj." in n}  # fmt: skip
+    assert adapted == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert log["config"]["targets"] == ["q", "k", "v", "gate", "up"]
+    final = save_trained(model, load_tokenizer(stories_path), tmp_path / "run", log)
+    saved = json.loads(next(final.glob("*config.json")).read_text())
+    recorded = saved["target_modules"] if method == "lora" else saved["zflora"]["targets"]
+    assert sorted(recorded) == sorted(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] if method == "lora"
+                                      else ["q", "k", "v", "gate", "up"])  # fmt: skip
+
+
 @pytest.mark.parametrize("damage", ["optimizer.pt", "trainer_state.json", "adapter_model.safetensors"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(stories_path, task_file, tmp_path, capsys, damage):
     out = tmp_path / "run"
@@ -276,6 +298,10 @@ def _exit_code(argv: list[str]) -> int | str:
         (["--limit", "-1"], "limit: must be a positive integer"),
         (["--loraplus-lr-ratio", "0"], "loraplus_lr_ratio: must be a positive finite number"),
         (["--method", "fft", "--loraplus-lr-ratio", "4"], "loraplus_lr_ratio: splits an adapter's A and B"),
+        (["--targets", "q,qq"], "targets: unknown projection 'qq'"),
+        (["--method", "lora-mha", "--targets", "q"], "targets: lora-mha adapts q,k,v,o"),
+        (["--method", "fft", "--targets", "q"], "targets: fft has no adapter"),
+        (["--targets", "o,down"], "has no input projection"),  # zflora: nothing would read its stream
     ],
 )
 def test_train_refuses_bad_hyper_parameters_with_usage_exit(tmp_path, capsys, flags, match):

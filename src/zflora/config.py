@@ -47,6 +47,35 @@ def _normalise_target(name: Any) -> str:
     return short
 
 
+def resolve_targets(targets: Any) -> tuple[str, ...]:
+    """The projections an adapter adapts, in model order: a preset ("all", "mha") or a non-empty list of
+    projection names (with or without "_proj"). The one reading of `targets` for zFLoRA and PEFT LoRA."""
+    if isinstance(targets, str):
+        if targets not in TARGET_PRESETS:
+            raise ValueError(
+                f"targets: unknown preset {targets!r}; accepted: 'all', 'mha' or a list of "
+                f"projection names from {', '.join(ALL_PROJECTIONS)}"
+            )
+        return TARGET_PRESETS[targets]
+    if isinstance(targets, list | tuple) and targets:
+        chosen = {_normalise_target(t) for t in targets}
+        return tuple(p for p in ALL_PROJECTIONS if p in chosen)
+    raise ValueError(f"targets: must be 'all', 'mha' or a non-empty list of names, got {targets!r}")
+
+
+def check_targets(method: str, targets: list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """`targets` chosen for `method`, as projection names in model order (None: the method's own). Refused
+    where the method has no choice: the -mha methods fix theirs, base and fft have no adapter."""
+    if targets is None:
+        return None
+    if method not in ("lora", "zflora"):
+        fixed = "adapts q,k,v,o" if method.endswith("-mha") else "has no adapter"
+        raise ValueError(f"targets: {method} {fixed}; choose the projections with lora or zflora")
+    if method == "zflora":
+        ZFLoRAConfig(targets=targets)  # also refuses a set that nothing would ever read the adapter state from
+    return list(resolve_targets(targets))
+
+
 # Weight quantizations of a deployed model (`zflora.quantization`): block-wise along K, bits per weight.
 QUANTIZATIONS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32
@@ -127,19 +156,9 @@ class ZFLoRAConfig:
         for name in ("lm_head", "expand_input"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.targets, str):
-            if self.targets not in TARGET_PRESETS:
-                raise ValueError(
-                    f"targets: unknown preset {self.targets!r}; accepted: 'all', 'mha' or a list of "
-                    f"projection names from {', '.join(ALL_PROJECTIONS)}"
-                )
-            modules = TARGET_PRESETS[self.targets]
-        elif isinstance(self.targets, list | tuple) and self.targets:
-            chosen = {_normalise_target(t) for t in self.targets}
-            modules = tuple(p for p in ALL_PROJECTIONS if p in chosen)
+        modules = resolve_targets(self.targets)
+        if not isinstance(self.targets, str):
             self.targets = list(modules)
-        else:
-            raise ValueError(f"targets: must be 'all', 'mha' or a non-empty list of names, got {self.targets!r}")
         if not self.lm_head and not any(p in INPUT_PROJECTIONS for p in modules):
             raise ValueError(
                 f"targets: {list(modules)} has no input projection ({', '.join(INPUT_PROJECTIONS)}) and "

@@ -9,16 +9,16 @@ import torch
 from torch import nn
 
 from .adapter_io import Adapter, base_identity
-from .config import ALL_PROJECTIONS, DEFAULT_RANK, METHODS, TARGET_PRESETS, ZFLoRAConfig, check_alpha
+from .config import ALL_PROJECTIONS, DEFAULT_RANK, METHODS, ZFLoRAConfig, check_alpha, check_targets, resolve_targets
 from .models import head_dim, meta_model
 from .transform import adapter_parameters, apply_zflora, fuse, is_zflora
 
 
-def lora_config(r: int, alpha: float | None = None, targets: str = "all") -> Any:
-    """PEFT LoRA on the same projections zFLoRA uses (no dropout, no bias); alpha by the same rule."""
+def lora_config(r: int, alpha: float | None = None, targets: str | list[str] | tuple[str, ...] = "all") -> Any:
+    """PEFT LoRA on the projections zFLoRA would adapt (no dropout, no bias); alpha by the same rule."""
     from peft import LoraConfig
 
-    modules = [f"{p}_proj" for p in TARGET_PRESETS[targets]]
+    modules = [f"{p}_proj" for p in resolve_targets(targets)]
     return LoraConfig(
         r=r, lora_alpha=check_alpha(alpha, r), target_modules=modules, lora_dropout=0.0, bias="none",
         task_type="CAUSAL_LM",
@@ -26,11 +26,17 @@ def lora_config(r: int, alpha: float | None = None, targets: str = "all") -> Any
 
 
 def prepare_model(
-    model: nn.Module, method: str, r: int = DEFAULT_RANK, alpha: float | None = None, **zflora_kwargs: Any
+    model: nn.Module,
+    method: str,
+    r: int = DEFAULT_RANK,
+    alpha: float | None = None,
+    targets: list[str] | tuple[str, ...] | None = None,
+    **zflora_kwargs: Any,
 ) -> nn.Module:
     """Prepare a LLaMA-family causal LM for `method`; returns the model to train or serve.
 
-    `alpha` None means 2 r for every method (`zflora.config.default_alpha`).
+    `alpha` None means 2 r for every method (`zflora.config.default_alpha`). `targets`: the projections
+    lora or zflora adapt instead of all seven (the -mha methods fix theirs).
 
     base        everything frozen (the reference)
     lora        PEFT LoRA on q,k,v,o,gate,up,down (returns a PeftModel)
@@ -41,11 +47,12 @@ def prepare_model(
     """
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; accepted: {', '.join(METHODS)}")
+    check_targets(method, targets)
     if method in ("base", "fft"):
         for p in model.parameters():
             p.requires_grad_(method == "fft")
         return model
-    targets = "mha" if method.endswith("-mha") else "all"
+    targets = ("mha" if method.endswith("-mha") else "all") if targets is None else targets
     if method.startswith("zflora"):
         return apply_zflora(model, ZFLoRAConfig(r=r, alpha=alpha, targets=targets, **zflora_kwargs))
     from peft import get_peft_model

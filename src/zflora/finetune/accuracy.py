@@ -239,6 +239,7 @@ def train(
         dtype=cfg.dtype,
         warmup_ratio=cfg.warmup_ratio,
         loraplus_lr_ratio=None if method == "fft" else cfg.loraplus_lr_ratio,
+        targets=None if method == "fft" else cfg.targets,
         save_steps=max(10, steps // 3),
         logging_steps=10,
         progress=False,

@@ -41,9 +41,10 @@ DEFINING = (
     "sweep_steps",
     "warmup_ratio",
     "loraplus_lr_ratio",
+    "targets",
 )
 # Defining settings a study record may lack, at the value every study ran with before the setting existed.
-ADDED_LATER = {"warmup_ratio": 0.03, "loraplus_lr_ratio": None}
+ADDED_LATER = {"warmup_ratio": 0.03, "loraplus_lr_ratio": None, "targets": None}
 
 
 def settings(cfg: AccuracyConfig) -> dict[str, Any]:
@@ -225,9 +226,11 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return [_row(head), "|" + "---|" * len(head), *map(_row, rows), ""]
 
 
-def _loraplus(settings: dict[str, Any]) -> str:
-    ratio = settings.get("loraplus_lr_ratio")
-    return "" if ratio is None else f", LoRA+ (the B matrices at {ratio:g} x the lr column, the A matrices at it)"
+def _recipe(settings: dict[str, Any]) -> str:
+    """The settings a study may change from the usual recipe, as a clause of the report's header."""
+    ratio, targets = settings.get("loraplus_lr_ratio"), settings.get("targets")
+    plus = "" if ratio is None else f", LoRA+ (the B matrices at {ratio:g} x the lr column, the A matrices at it)"
+    return plus + ("" if targets is None else f", adapters on {','.join(targets)} only")
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -238,7 +241,7 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         f"Rank {st['rank']}, {st['seeds']} seeds for lora and zflora (one for the others); training steps "
         f"{dict(zip(CATEGORY_ORDER, st['steps'], strict=False))} of {st['batch_size']} records, warm-up "
-        f"{st['warmup_ratio']:.0%} of the steps{_loraplus(st)}; test records per task "
+        f"{st['warmup_ratio']:.0%} of the steps{_recipe(st)}; test records per task "
         f"{dict(zip(CATEGORY_ORDER, st['n_test'], strict=False))}. Scores in %, mean ± std over seeds.",
         "",
         "## Category averages (primary metric)",

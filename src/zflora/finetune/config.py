@@ -21,6 +21,7 @@ from ..config import (
     TRAIN_DTYPES,
     check_alpha,
     check_dtype,
+    check_targets,
     positive_finite,
     positive_finites,
     positive_int,
@@ -28,6 +29,10 @@ from ..config import (
 )
 
 TRAIN_METHODS = tuple(m for m in METHODS if m != "base")
+TARGETS_HELP = (
+    "projections lora and zflora adapt, e.g. q,k,v,gate,up (PEFT's target_modules); default: all seven "
+    "(q,k,v,o,gate,up,down); the -mha methods fix theirs (q,k,v,o)"
+)
 
 
 @dataclass
@@ -40,6 +45,7 @@ class TrainConfig:
     method: str = field(default="zflora", metadata={"choices": TRAIN_METHODS})
     rank: int = DEFAULT_RANK
     alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
+    targets: tuple[str, ...] | None = field(default=None, metadata={"help": TARGETS_HELP})
     lr: float = 2e-4
     epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "overrides --epochs when > 0"})
@@ -79,6 +85,7 @@ class TrainConfig:
         check_dtype("dtype", self.dtype, TRAIN_DTYPES)
         positive_ints(self, "rank", "batch_size", "grad_accum", "max_length", "logging_steps", "save_total_limit")
         self.alpha = check_alpha(self.alpha, self.rank)
+        self.targets = check_targets(self.method, self.targets)
         positive_finites(self, "lr", "epochs")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
@@ -230,6 +237,11 @@ class AccuracyConfig:
         metadata={"help": "LoRA+ for every adapter run and sweep: B matrices at this multiple of the (swept) "
                   "learning rate, which the A matrices keep"},
     )  # fmt: skip
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "projections of every lora and zflora run and sweep (e.g. q,k,v,gate,up); default all "
+                  "seven. Not with the -mha methods or zflora-matched, whose projections are fixed"},
+    )  # fmt: skip
     eval_batch_size: int = 16
     new: bool = field(
         default=False,
@@ -245,6 +257,15 @@ class AccuracyConfig:
             positive_finite("loraplus_lr_ratio", self.loraplus_lr_ratio)
         if bad := [m for m in self.methods if m not in STUDY_METHODS]:
             raise ValueError(f"methods: unknown {bad}; accepted: {', '.join(STUDY_METHODS)}")
+        if self.targets is not None:
+            if fixed := [m for m in self.methods if m in ("lora-mha", "zflora-mha", "zflora-matched")]:
+                raise ValueError(
+                    f"targets: {', '.join(fixed)} fix their projections; leave them out of --methods "
+                    "(e.g. --methods base,lora,zflora)"
+                )
+            if "zflora" in self.methods:
+                check_targets("zflora", self.targets)  # also refuses a set whose stream nothing would read
+            self.targets = check_targets("lora", self.targets)
         if bad := [c for c in self.categories if c not in CATEGORIES]:
             raise ValueError(f"categories: unknown {bad}; accepted: {', '.join(CATEGORIES)}")
         for name, kind in (("n_test", int), ("steps", int), ("lrs", float)):

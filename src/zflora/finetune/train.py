@@ -235,7 +235,7 @@ def train_model(
         raise ValueError(f"no trainable record left after truncation to max_length={cfg.max_length}")
     torch.manual_seed(cfg.seed)  # adapter initialisation (A matrices) depends on it
     model = model if model is not None else load_base(cfg)
-    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=cfg.alpha)
+    model = prepare_model(model, cfg.method, r=cfg.rank, alpha=cfg.alpha, targets=cfg.targets)
     if cfg.gradient_checkpointing and cfg.method != "fft":
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad path
     timer = StepTimer()
