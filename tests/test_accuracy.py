@@ -231,6 +231,14 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
         QuantizedAccuracyConfig(precisions=("int4",), train_on_quantized=("int8",))
 
 
+def test_quantized_accuracy_reads_a_study_that_chose_its_projections(tmp_path):
+    study = AccuracyConfig(output=tmp_path / "study", methods=("lora", "zflora"), targets=("q", "v"), rank=4)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"settings": accuracy.settings(study)}))
+    read = quantized.study_config(QuantizedAccuracyConfig(study=tmp_path / "study"))
+    assert (read.targets, read.rank, read.methods) == (["q", "v"], 4, quantized.METHODS)
+
+
 def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "native_bf16", lambda *a: False)
     with pytest.raises(ValueError, match="does not run natively"):

@@ -51,7 +51,7 @@ def study_config(cfg: QuantizedAccuracyConfig) -> AccuracyConfig:
     keep = {f.name for f in dataclasses.fields(AccuracyConfig)}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in s.items() if k in keep}
     fields |= {"model": Path(s["model"]), "data": cfg.data, "output": cfg.study, "work": cfg.work, "report": None,
-               "eval_batch_size": cfg.eval_batch_size, "progress": False}  # fmt: skip
+               "eval_batch_size": cfg.eval_batch_size, "progress": False, "methods": METHODS}  # fmt: skip
     return AccuracyConfig(**fields)
 
 
