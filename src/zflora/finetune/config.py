@@ -29,10 +29,6 @@ from ..config import (
 )
 
 TRAIN_METHODS = tuple(m for m in METHODS if m != "base")
-TARGETS_HELP = (
-    "projections lora and zflora adapt, e.g. q,k,v,gate,up (PEFT's target_modules); default: all seven "
-    "(q,k,v,o,gate,up,down); the -mha methods fix theirs (q,k,v,o)"
-)
 
 
 @dataclass
@@ -45,7 +41,11 @@ class TrainConfig:
     method: str = field(default="zflora", metadata={"choices": TRAIN_METHODS})
     rank: int = DEFAULT_RANK
     alpha: float | None = field(default=None, metadata={"help": "default 2 * rank"})
-    targets: tuple[str, ...] | None = field(default=None, metadata={"help": TARGETS_HELP})
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "projections lora and zflora adapt, e.g. q,k,v,gate,up (PEFT's target_modules); default: "
+                  "all seven (q,k,v,o,gate,up,down); the -mha methods fix theirs (q,k,v,o)"},
+    )  # fmt: skip
     lr: float = 2e-4
     epochs: float = 1.0
     max_steps: int = field(default=-1, metadata={"help": "overrides --epochs when > 0"})
