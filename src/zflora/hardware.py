@@ -83,4 +83,5 @@ def describe_machine(env: dict[str, Any]) -> str:
     native = "native bf16" if env.get("native_bf16") else "no native bf16"
     where = env["hardware"] if env["device"] == "cuda" else f"{env['hardware']} ({caps}; {native})"
     versions = f"torch {env['torch']}, transformers {env['transformers']}"
-    return f"{where}, {env['threads']} threads, {env['dtype']}; {versions}"
+    threads = f"{env['threads']} thread{'' if env['threads'] == 1 else 's'}"
+    return f"{where}, {threads}, {env['dtype']}; {versions}"
