@@ -266,6 +266,31 @@ def test_targets_are_refused_with_methods_whose_projections_are_fixed(tmp_path):
 
 
 @needs_data
+def test_a_sweep_cut_short_goes_on_from_its_finished_rates_on_a_new_machine(stories_path, tmp_path, monkeypatch):
+    cfg, trained, train = quick(stories_path, tmp_path, lrs=(1e-3, 3e-3, 1e-2)), [], accuracy.train
+
+    def cut_after_two(*args, **kw):
+        if len(trained) == 2:
+            raise KeyboardInterrupt  # the sitting ends during the third rate
+        trained.append(args[3])
+        return train(*args, **kw)
+
+    monkeypatch.setattr(accuracy, "train", cut_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.sweep(cfg, "lora", 4, tmp_path / "work")
+    rates = cfg.output / "sweeps" / "lora-r4"
+    assert sorted(p.name for p in rates.iterdir()) == ["0.001.json", "0.003.json"]
+    first = json.loads((rates / "0.001.json").read_text())["heldout_loss"]
+    shutil.rmtree(tmp_path / "work")  # a new machine: the committed files only
+    trained.clear()
+    monkeypatch.setattr(accuracy, "train", lambda *a, **k: trained.append(a[3]) or train(*a, **k))
+    done = accuracy.sweep(cfg, "lora", 4, tmp_path / "work")
+    assert trained == [1e-2] and list(done["heldout_loss"]) == ["0.001", "0.003", "0.01"]
+    assert done["heldout_loss"]["0.001"] == first
+    assert not rates.exists() and json.loads((cfg.output / "sweeps" / "lora-r4.json").read_text()) == done
+
+
+@needs_data
 def test_one_learning_rate_is_used_as_given_without_a_sweep(stories_path, tmp_path):
     cfg = quick(stories_path, tmp_path, methods=("lora",), categories=("math",), seeds=1, lrs=(3e-3,),
                 loraplus_lr_ratio=4.0)  # fmt: skip

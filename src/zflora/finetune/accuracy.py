@@ -292,8 +292,9 @@ def one_run(
 def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, Any]:
     """Each learning rate for `sweep_steps` on the three categories' training data mixed, scored by the
     mean held-out loss over the categories (cached in the study). Always all three, whatever `--categories`
-    a sitting runs: the sweep fixes the study's learning rate, and `categories` does not define a study."""
-    done = cfg.output / "sweeps" / f"{method}-r{rank}.json"
+    a sitting runs: the sweep fixes the study's learning rate, and `categories` does not define a study.
+    Each finished rate is a small file of its own until the sweep is done, so a new machine goes on from it."""
+    done, rates = cfg.output / "sweeps" / f"{method}-r{rank}.json", cfg.output / "sweeps" / f"{method}-r{rank}"
     if done.is_file():
         return json.loads(done.read_text())
     tokenizer = load_tokenizer(cfg.model)
@@ -302,9 +303,13 @@ def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, 
     random.Random("sweep").shuffle(mixed)
     losses = {}
     for lr in cfg.lrs:
+        if (rate := rates / f"{lr}.json").is_file():
+            losses[str(lr)] = json.loads(rate.read_text())["heldout_loss"]
+            continue
         model, _ = train(cfg, method, rank, lr, 0, mixed, cfg.sweep_steps, work / "sweeps" / f"{method}-r{rank}-{lr}")
         losses[str(lr)] = sum(heldout_loss(model, tokenizer, v[:32], cfg.max_length) for _, v in splits.values())
         losses[str(lr)] /= len(splits)
+        write_json(rate, {"lr": lr, "heldout_loss": losses[str(lr)]})
     result = {
         "method": method,
         "rank": rank,
@@ -313,6 +318,7 @@ def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, 
         "best_lr": float(min(losses, key=losses.get)),
     }
     write_json(done, result)
+    shutil.rmtree(rates)  # the sweep's file holds every rate now
     return result
 
 
