@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 import zflora
 from zflora.bench.harness import free_port
-from zflora.cli import main
+from zflora.cli import build_parser, main
 from zflora.finetune.config import TrainConfig
 from zflora.finetune.data import DataError, load_examples
 from zflora.finetune.evaluate import score_responses_file, task_kind
@@ -105,10 +105,8 @@ def test_loraplus_ratio_gives_the_b_matrices_a_multiple_of_the_rate(stories_path
 def test_targets_choose_the_projections_that_are_adapted(stories_path, task_file, tmp_path, method):
     """`--targets q,k,v,gate,up`: only those projections train (zFLoRA's stream then starts at A_in alone), and
     the saved adapter records them."""
-    argv = ["--targets", "q_proj,k,v,gate,up"]
-    from zflora.cli import build_parser
-
-    parsed = build_parser("train").parse_args(["train", "--model", "m", "--data", "d", "--output", "o", *argv])
+    argv = ["train", "--model", "m", "--data", "d", "--output", "o", "--targets", "q_proj,k,v,gate,up"]
+    parsed = build_parser("train").parse_args(argv)
     assert parsed.targets == ["q_proj", "k", "v", "gate", "up"]
     cfg = _cfg(stories_path, task_file, tmp_path / "run", method=method, targets=parsed.targets, max_steps=2)
     model, log = train_model(cfg)

@@ -294,7 +294,8 @@ def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, 
     mean held-out loss over the categories (cached in the study). Always all three, whatever `--categories`
     a sitting runs: the sweep fixes the study's learning rate, and `categories` does not define a study.
     Each finished rate is a small file of its own until the sweep is done, so a new machine goes on from it."""
-    done, rates = cfg.output / "sweeps" / f"{method}-r{rank}.json", cfg.output / "sweeps" / f"{method}-r{rank}"
+    rates = cfg.output / "sweeps" / f"{method}-r{rank}"
+    done = rates.with_name(f"{rates.name}.json")
     if done.is_file():
         return json.loads(done.read_text())
     tokenizer = load_tokenizer(cfg.model)
