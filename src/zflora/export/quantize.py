@@ -24,71 +24,31 @@ def quantize_graph(proto: Any, adapter_names: set[str], q: Quantization, strip: 
     `MatMulNBits`, in place. `adapter_names`: the adapter blocks' parameter names (initializer names
     without `strip`). Returns, for each new adapter initializer, {"parameter", "part", "kind"}."""
     import onnx
-    from onnx import helper, numpy_helper
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    for o in graph.output:
-        consumers[o.name] = consumers.get(o.name, 0) + 1
-
-    def is_adapter(name: str) -> bool:
-        return name.removeprefix(strip) in adapter_names
+    for name in [i for n in graph.node for i in n.input] + [o.name for o in graph.output]:
+        consumers[name] = consumers.get(name, 0) + 1
 
     new_nodes, added, dead, layout = [], [], set(), {}
     for node in graph.node:
         plan = _weight_of(node, inits, producer)
-        if plan is None or all(is_adapter(p) for p in plan["parts"]):
+        parts = [] if plan is None else plan["parts"]
+        adapters = {p: p.removeprefix(strip) for p in parts if p.removeprefix(strip) in adapter_names}
+        if plan is None or len(adapters) == len(parts):  # pure adapter weights stay fp32
             new_nodes.append(node)
             continue
-        k, n = plan["k"], plan["n"]
-        parts, axis = plan["parts"], plan["axis"]
-        if len(parts) == 2 and axis == 1 and (kb := plan["k_base"]) % q.block_size:
-            raise ValueError(f"{node.name}: the base weight's K = {kb} is not a multiple of block_size "
-                             f"{q.block_size}, so the adapter's columns would share blocks with it; "
-                             f"choose a block size that divides {kb}")  # fmt: skip
-        packed_names, scale_names = [], []
-        for name, w in zip(parts, plan["weights_kn"], strict=True):
-            packed, scales = block_quantize(w, q)
-            pn, sn = f"{name}_Q{q.bits}", f"{name}_scales"
-            added += [numpy_helper.from_array(packed, pn), numpy_helper.from_array(scales, sn)]
-            packed_names.append(pn)
-            scale_names.append(sn)
-            if is_adapter(name):
-                kind = "in" if axis == 1 else "out"
-                layout[pn] = {"parameter": name.removeprefix(strip), "part": "packed", "kind": kind}
-                layout[sn] = {"parameter": name.removeprefix(strip), "part": "scales", "kind": kind}
-        if len(parts) == 2:
-            base = node.name or parts[0]
-            new_nodes += [helper.make_node("Concat", packed_names, [f"{base}_Q{q.bits}_joined"], axis=axis,
-                                           name=f"{base}_Q{q.bits}_join"),
-                          helper.make_node("Concat", scale_names, [f"{base}_scales_joined"], axis=axis,
-                                           name=f"{base}_scales_join")]  # fmt: skip
-            packed_names, scale_names = [f"{base}_Q{q.bits}_joined"], [f"{base}_scales_joined"]
-        attrs = {"K": k, "N": n, "bits": q.bits, "block_size": q.block_size}
-        if q.accuracy_level:
-            attrs["accuracy_level"] = q.accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], packed_names[0], scale_names[0]],
-                                          list(node.output), name=f"{node.name}_Q{q.bits}", domain="com.microsoft",
-                                          **attrs))  # fmt: skip
+        nodes, tensors, entries = _matmul_nbits(node, plan, q, adapters)
+        new_nodes += nodes
+        added += tensors
+        layout.update(entries)
         for i in node.input[1:]:
             consumers[i] -= 1
         dead.update(plan["nodes"])
-    # the Transpose / Concat nodes that fed a replaced weight, once nothing reads them (last first)
-    keep = []
-    for node in reversed(new_nodes):
-        if node.name in dead and all(consumers.get(o, 0) == 0 for o in node.output):
-            for i in node.input:
-                consumers[i] -= 1
-            continue
-        keep.append(node)
-    keep.reverse()
     del graph.node[:]
-    graph.node.extend(keep)
+    graph.node.extend(_without_dead(new_nodes, dead, consumers))
     used = {i for n in graph.node for i in n.input}
     remaining = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -96,6 +56,60 @@ def quantize_graph(proto: Any, adapter_names: set[str], q: Quantization, strip: 
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return layout
+
+
+def _matmul_nbits(node: Any, plan: dict[str, Any], q: Quantization,
+                  adapters: dict[str, str]) -> tuple[list[Any], list[Any], dict[str, Any]]:  # fmt: skip
+    """The nodes, initializers and adapter layout entries that replace `node`, whose weight `plan` describes:
+    each part quantized apart, two parts joined by a `Concat` of the packed bytes and of the scales.
+    `adapters`: the adapter parts, initializer name -> parameter name."""
+    from onnx import helper, numpy_helper
+
+    parts, axis = plan["parts"], plan["axis"]
+    if len(parts) == 2 and axis == 1 and (kb := plan["k_base"]) % q.block_size:
+        raise ValueError(f"{node.name}: the base weight's K = {kb} is not a multiple of block_size "
+                         f"{q.block_size}, so the adapter's columns would share blocks with it; "
+                         f"choose a block size that divides {kb}")  # fmt: skip
+    tensors, packed_names, scale_names, layout = [], [], [], {}
+    for name, w in zip(parts, plan["weights_kn"], strict=True):
+        packed, scales = block_quantize(w, q)
+        pn, sn = f"{name}_Q{q.bits}", f"{name}_scales"
+        tensors += [numpy_helper.from_array(packed, pn), numpy_helper.from_array(scales, sn)]
+        packed_names.append(pn)
+        scale_names.append(sn)
+        if name in adapters:
+            kind = "in" if axis == 1 else "out"
+            layout[pn] = {"parameter": adapters[name], "part": "packed", "kind": kind}
+            layout[sn] = {"parameter": adapters[name], "part": "scales", "kind": kind}
+    nodes = []
+    if len(parts) == 2:
+        base = node.name or parts[0]
+        nodes += [helper.make_node("Concat", packed_names, [f"{base}_Q{q.bits}_joined"], axis=axis,
+                                   name=f"{base}_Q{q.bits}_join"),
+                  helper.make_node("Concat", scale_names, [f"{base}_scales_joined"], axis=axis,
+                                   name=f"{base}_scales_join")]  # fmt: skip
+        packed_names, scale_names = [f"{base}_Q{q.bits}_joined"], [f"{base}_scales_joined"]
+    attrs = {"K": plan["k"], "N": plan["n"], "bits": q.bits, "block_size": q.block_size}
+    if q.accuracy_level:
+        attrs["accuracy_level"] = q.accuracy_level
+    nodes.append(helper.make_node("MatMulNBits", [node.input[0], packed_names[0], scale_names[0]],
+                                  list(node.output), name=f"{node.name}_Q{q.bits}", domain="com.microsoft",
+                                  **attrs))  # fmt: skip
+    return nodes, tensors, layout
+
+
+def _without_dead(nodes: list[Any], dead: set[str], consumers: dict[str, int]) -> list[Any]:
+    """`nodes` less the Transpose / Concat nodes in `dead` that fed a replaced weight, once nothing reads
+    them (walked last first, so a chain of them goes together). Updates `consumers`."""
+    keep = []
+    for node in reversed(nodes):
+        if node.name in dead and all(consumers.get(o, 0) == 0 for o in node.output):
+            for i in node.input:
+                consumers[i] -= 1
+            continue
+        keep.append(node)
+    keep.reverse()
+    return keep
 
 
 def _weight_of(node: Any, inits: dict[str, Any], producer: dict[str, Any]) -> dict[str, Any] | None:
