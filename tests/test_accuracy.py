@@ -302,6 +302,21 @@ def test_one_learning_rate_is_used_as_given_without_a_sweep(stories_path, tmp_pa
     assert "adapters on" not in report  # every projection: the usual recipe, nothing to say
 
 
+@needs_data
+def test_a_run_resumed_from_its_checkpoint_is_timed_over_the_steps_it_trained(stories_path, tmp_path):
+    """A run resumed near its end once reported every token over the last process's seconds (20,000 tok/s)."""
+    cfg = quick(stories_path, tmp_path, methods=("lora",), categories=("math",), seeds=1, lrs=(3e-3,), steps=(2, 2, 1))
+    seen, _ = accuracy.train_split(cfg, "math", load_tokenizer(cfg.model), 2 * cfg.batch_size)
+    _, first = accuracy.train(cfg, "lora", cfg.rank, 3e-3, 0, seen, 1, cfg.work / "lora-r16-s0" / "math")
+    accuracy.run(cfg)  # goes on from that run's checkpoint-1
+    run = cfg.output / "runs" / "lora-r16-s0" / "math"
+    log, result = (json.loads((run / f).read_text()) for f in ("train_log.json", "result.json"))
+    assert log["resumed_step"] == 1 and log["steps"] == 2
+    assert log["tokens_trained"] == log["tokens_seen"] - first["tokens_seen"] > 0
+    assert result["resumed_at_step"] == 1 and result["tokens_per_s"] == log["tokens_trained"] / log["wall_s"]
+    assert "math: train 0.0 min after resuming at step 1, " in (tmp_path / "report.md").read_text()
+
+
 def test_every_run_trains_with_the_study_warm_up_and_learning_rates(stories_path, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(accuracy, "train_model", lambda tc, **kw: seen.append(tc) or (None, {}))

@@ -54,10 +54,12 @@ class StopAt(TrainerCallback):
 @pytest.mark.parametrize("method", ["zflora", "lora"])
 def test_resume_equals_uninterrupted(stories_path, task_file, tmp_path, method):
     full, _ = train_model(_cfg(stories_path, task_file, tmp_path / "full", method=method))
-    _, log = train_model(_cfg(stories_path, task_file, tmp_path / "cut", method=method), callbacks=[StopAt(3)])
-    assert log["steps"] == 3 and last_complete_checkpoint(tmp_path / "cut").name == "checkpoint-3"
+    _, cut = train_model(_cfg(stories_path, task_file, tmp_path / "cut", method=method), callbacks=[StopAt(3)])
+    assert cut["steps"] == 3 and last_complete_checkpoint(tmp_path / "cut").name == "checkpoint-3"
+    assert cut["resumed_step"] == 0 and cut["tokens_trained"] == cut["tokens_seen"] > 0
     resumed, log = train_model(_cfg(stories_path, task_file, tmp_path / "cut", method=method, resume=True))
-    assert log["steps"] == 6 and log["resumed_from"].endswith("checkpoint-3")
+    assert log["steps"] == 6 and log["resumed_from"].endswith("checkpoint-3") and log["resumed_step"] == 3
+    assert log["tokens_trained"] == log["tokens_seen"] - cut["tokens_seen"] > 0  # this process's, for tokens/s
     a = {n: p for n, p in full.named_parameters() if "zflora_" in n or "lora_" in n}
     b = {n: p for n, p in resumed.named_parameters() if "zflora_" in n or "lora_" in n}
     assert a.keys() == b.keys() and a

@@ -271,8 +271,10 @@ def one_run(
             "trainable_params": log["trainable_parameters"],
             "train_wall_s": log["wall_s"],
             "tokens_seen": log["tokens_seen"],
-            "tokens_per_s": log["tokens_seen"] / log["wall_s"],
+            "tokens_per_s": log["tokens_trained"] / log["wall_s"],  # a resumed run: its last process's steps
         }
+        if log["resumed_step"]:
+            result["resumed_at_step"] = log["resumed_step"]
         write_json(out / "train_log.json", log)
     model = prepare_for_eval(model)  # as it is served: zFLoRA fused, LoRA merged
     started = time.perf_counter()

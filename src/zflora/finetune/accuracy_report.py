@@ -19,7 +19,7 @@ from typing import Any
 
 from ..charts import figure, save_figure
 from ..hardware import describe_machine
-from .config import AccuracyConfig
+from .config import STUDY_METHODS, AccuracyConfig
 from .stats import mean_std, paired_bootstrap
 
 CATEGORY_METRIC = {"commonsense": "acc", "math": "exact", "summary": "rougeL"}
@@ -144,9 +144,15 @@ def _merge(found: list[tuple[dict, list[dict]]]) -> list[dict[str, Any]]:
         run["category_avg"][category] = statistics.fmean(run["scores"][t] for t in grouped)
         run["heldout_loss"][category] = result["heldout_loss"]
         run["cost"][category] = {
-            k: result.get(k) for k in ("train_wall_s", "tokens_seen", "tokens_per_s", "eval_wall_s", "median_step_s")
+            k: result.get(k)
+            for k in ("train_wall_s", "tokens_seen", "tokens_per_s", "eval_wall_s", "median_step_s", "resumed_at_step")
         }
-    return list(runs.values())
+    return sorted(runs.values(), key=lambda r: (_method_order(r["method"]), r["rank"] or 0, r["seed"]))
+
+
+def _method_order(method: str) -> int:
+    """The study's order of methods (base, lora, lora-mha, zflora, ...), not the run directories' names."""
+    return STUDY_METHODS.index(method) if method in STUDY_METHODS else len(STUDY_METHODS)
 
 
 def _per_item(found: list[tuple[dict, list[dict]]], method: str, category: str) -> dict[int, dict[tuple, float]]:
@@ -196,7 +202,8 @@ def collect(output: Path, data: Path | None = None) -> dict[str, Any]:
     """The study JSON: `{"model", "dtype", "runs": [...], "paired": {...}, ...}` from `output` alone."""
     st = recorded_settings(output)
     found = _run_rows(output)
-    sweeps = [json.loads(p.read_text()) for p in sorted(output.glob("sweeps/*.json"))]
+    sweeps = [json.loads(p.read_text()) for p in output.glob("sweeps/*.json")]
+    sweeps.sort(key=lambda sw: (_method_order(sw["method"]), sw["rank"]))
     baselines = json.loads((output / "baselines.json").read_text()) if (output / "baselines.json").is_file() else {}
     envs = [r["environment"] for r, _ in found if "environment" in r]
     return {
@@ -370,7 +377,8 @@ def _generation_lines(out: dict[str, Any], by: dict) -> list[str]:
 def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
     lines = ["## Learning rates and cost", "",
              "Wall times include any pause of the study (it is paused while benchmarks run); the median "
-             "training step is the comparable figure.", ""]  # fmt: skip
+             "training step is the comparable figure. A run resumed from a checkpoint is timed over the steps "
+             "of its last process.", ""]  # fmt: skip
     for sw in out["sweeps"]:
         losses = ", ".join(f"{lr}: {v:.4f}" for lr, v in sw["heldout_loss"].items())
         grid = [float(lr) for lr in sw["heldout_loss"]]
@@ -386,9 +394,10 @@ def _cost_lines(out: dict[str, Any], by: dict) -> list[str]:
         parts = []
         for c, cost in runs[0]["cost"].items():
             step = f", median step {cost['median_step_s']:.2f} s" if cost.get("median_step_s") else ""
+            resumed = f" after resuming at step {cost['resumed_at_step']}" if cost.get("resumed_at_step") else ""
+            rate = f", {cost['tokens_per_s']:.0f} tok/s" if cost.get("tokens_per_s") else ""  # older resumed runs
             train = (
-                f"train {cost['train_wall_s'] / 60:.1f} min, {cost['tokens_seen']:,} tokens at "
-                f"{cost['tokens_per_s']:.0f} tok/s{step}; "
+                f"train {cost['train_wall_s'] / 60:.1f} min{resumed}, {cost['tokens_seen']:,} tokens{rate}{step}; "
                 if cost.get("train_wall_s")
                 else ""
             )

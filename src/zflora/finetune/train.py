@@ -241,8 +241,10 @@ def train_model(
     timer = StepTimer()
     trainer = build_trainer(cfg, model, tokenizer, tok.features, [timer, *(callbacks or [])])
     resume = resume_point(cfg.output) if cfg.resume else None
+    resumed = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
     log = {
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "environment": environment(next(model.parameters()).device, cfg.dtype),
@@ -250,8 +252,10 @@ def train_model(
                  "dropped": tok.dropped},
         "trainable_parameters": count_trainable_parameters(model),
         "steps": trainer.state.global_step,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen or 0),
+        "tokens_seen": tokens_seen,
         "resumed_from": str(resume) if resume else None,
+        "resumed_step": resumed.get("global_step", 0),
+        "tokens_trained": tokens_seen - int(resumed.get("num_input_tokens_seen") or 0),  # by this process, in wall_s
         "wall_s": time.perf_counter() - started,
         "step_time_s": timer.times,
         "loss": [  # grad_norm before clipping (max_grad_norm 1.0): how hard each logged step pulled
