@@ -13,7 +13,7 @@ import torch
 from conftest import SHARED
 
 from zflora.finetune import accuracy, quantized
-from zflora.finetune.accuracy_report import collect, paired_across, sha256
+from zflora.finetune.accuracy_report import _paired_lines, collect, paired_across, sha256
 from zflora.finetune.cloze import parse, to_cloze
 from zflora.finetune.config import AccuracyConfig, QuantizedAccuracyConfig
 from zflora.finetune.data import DataError, load_records
@@ -366,6 +366,21 @@ def test_paired_across_two_studies_pairs_items_and_seeds_and_names_what_differs(
     _study(ablation, {"warmup_ratio": 0.1}, "zflora", 1, [1, 1, 1, 0], items=[0, 1, 2, 9])
     with pytest.raises(ValueError, match="math seed 1 scored other test items"):
         paired_across(ablation, main)
+
+
+def test_the_report_pairs_zflora_mha_with_lora_mha_too(tmp_path):
+    """The paper's attention-only pair gets its own paired interval, beside zFLoRA − LoRA."""
+    _study(tmp_path, {}, "lora", 0, [1, 0, 0, 0])
+    _study(tmp_path, {}, "zflora", 0, [1, 1, 0, 0])
+    _study(tmp_path, {}, "lora-mha", 0, [1, 1, 1, 0])
+    _study(tmp_path, {}, "zflora-mha", 0, [1, 0, 0, 0])
+    out = collect(tmp_path)
+    assert out["paired"]["math"]["diff"] == pytest.approx(25.0)
+    assert out["paired_mha"]["math"]["diff"] == pytest.approx(-50.0) and out["paired_mha"]["math"]["seeds"] == [0]
+    lines = "\n".join(_paired_lines(out))
+    assert "## zFLoRA − LoRA, paired" in lines and "| math | +25.00 |" in lines
+    assert "## zFLoRA-MHA − LoRA-MHA, paired" in lines and "| math | -50.00 |" in lines
+    assert [r["method"] for r in out["runs"]] == ["lora", "lora-mha", "zflora", "zflora-mha"]  # the study's order
 
 
 def test_lead2_takes_the_first_two_utterances_without_speakers():

@@ -215,6 +215,7 @@ def collect(output: Path, data: Path | None = None) -> dict[str, Any]:
         "sweeps": sweeps,
         "runs": _merge(found),
         "paired": paired(found),
+        "paired_mha": paired(found, "zflora-mha", "lora-mha"),  # the paper's attention-only pair
     }
 
 
@@ -312,21 +313,25 @@ def _fmt(v: float | None) -> str:
 
 
 def _paired_lines(out: dict[str, Any]) -> list[str]:
-    if not out["paired"]:
-        return []
-    rows = [
-        [c, f"{p['diff']:+.2f}", f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]", len(p["seeds"]), p["items"]]
-        for c, p in out["paired"].items()
-    ]
-    return [
-        "## zFLoRA − LoRA, paired",
-        "",
-        "Difference of the category average in points, with a 95% paired "
-        "bootstrap interval (2000 resamples of the test items, stratified by task; each item's difference "
-        "averaged over the seeds both methods ran).",
-        "",
-        *_table(["category", "zflora − lora", "95% CI", "seeds", "items"], rows),
-    ]
+    lines = []
+    for key, a, b, title in (("paired", "zflora", "lora", "zFLoRA − LoRA"),
+                             ("paired_mha", "zflora-mha", "lora-mha", "zFLoRA-MHA − LoRA-MHA")):  # fmt: skip
+        if not out.get(key):  # older study JSONs have no paired_mha
+            continue
+        rows = [
+            [c, f"{p['diff']:+.2f}", f"[{p['ci_low']:+.2f}, {p['ci_high']:+.2f}]", len(p["seeds"]), p["items"]]
+            for c, p in out[key].items()
+        ]
+        lines += [
+            f"## {title}, paired",
+            "",
+            "Difference of the category average in points, with a 95% paired "
+            "bootstrap interval (2000 resamples of the test items, stratified by task; each item's difference "
+            "averaged over the seeds both methods ran).",
+            "",
+            *_table(["category", f"{a} − {b}", "95% CI", "seeds", "items"], rows),
+        ]
+    return lines
 
 
 def _generation_lines(out: dict[str, Any], by: dict) -> list[str]:
