@@ -25,6 +25,11 @@ from .stats import mean_std, paired_bootstrap
 CATEGORY_METRIC = {"commonsense": "acc", "math": "exact", "summary": "rougeL"}
 ACC_NORM_TASKS = ("ARC-Challenge", "ARC-Easy", "openbookqa", "piqa")
 CATEGORY_ORDER = ("commonsense", "math", "summary")
+# The study JSON's paired comparisons: key -> (a, b, title) for a − b. "paired_mha" is the paper's attention-only pair.
+PAIRS = {
+    "paired": ("zflora", "lora", "zFLoRA − LoRA"),
+    "paired_mha": ("zflora-mha", "lora-mha", "zFLoRA-MHA − LoRA-MHA"),
+}
 
 # Settings that define a study: a rerun with other values would mix incomparable runs.
 DEFINING = (
@@ -214,8 +219,7 @@ def collect(output: Path, data: Path | None = None) -> dict[str, Any]:
         "baselines": baselines,
         "sweeps": sweeps,
         "runs": _merge(found),
-        "paired": paired(found),
-        "paired_mha": paired(found, "zflora-mha", "lora-mha"),  # the paper's attention-only pair
+        **{key: paired(found, a, b) for key, (a, b, _) in PAIRS.items()},
     }
 
 
@@ -314,8 +318,7 @@ def _fmt(v: float | None) -> str:
 
 def _paired_lines(out: dict[str, Any]) -> list[str]:
     lines = []
-    for key, a, b, title in (("paired", "zflora", "lora", "zFLoRA − LoRA"),
-                             ("paired_mha", "zflora-mha", "lora-mha", "zFLoRA-MHA − LoRA-MHA")):  # fmt: skip
+    for key, (a, b, title) in PAIRS.items():
         if not out.get(key):  # older study JSONs have no paired_mha
             continue
         rows = [
