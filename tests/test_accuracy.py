@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import SHARED
 
+from zflora.adapter_io import attach_adapter
 from zflora.finetune import accuracy, quantized
 from zflora.finetune.accuracy_report import _paired_lines, collect, paired_across, sha256
 from zflora.finetune.cloze import parse, to_cloze
@@ -19,6 +20,7 @@ from zflora.finetune.config import AccuracyConfig, QuantizedAccuracyConfig
 from zflora.finetune.data import DataError, load_records
 from zflora.finetune.likelihood import encode_pair, loglikelihoods, score_clozes
 from zflora.finetune.stats import paired_bootstrap
+from zflora.methods import prepare_for_eval
 from zflora.models import load_local_model, load_tokenizer
 
 DATA = SHARED / "data"
@@ -149,6 +151,15 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     assert {s["method"] for s in saved["sweeps"]} == {"lora", "zflora"}
     report = (tmp_path / "report.md").read_text()
     assert "| majority class |" in report and report.count("(the grid's edge: ") == 2  # 2 rates: both are edges
+    # Each small adapter is kept with its run, as trained: reloaded, it gives the run's held-out loss again.
+    tokenizer = load_tokenizer(stories_path)
+    for method in ("lora", "zflora"):
+        run = cfg.output / "runs" / f"{method}-r16-s1" / "math"
+        model = prepare_for_eval(attach_adapter(accuracy.load_model(cfg), run / accuracy.ADAPTER))
+        _, val = accuracy.train_split(cfg, "math", tokenizer, cfg.steps[1] * cfg.batch_size)
+        loss = accuracy.heldout_loss(model, tokenizer, val, cfg.max_length)
+        assert loss == pytest.approx(json.loads((run / "result.json").read_text())["heldout_loss"], rel=1e-5)
+    assert not (cfg.output / "runs" / "base-s0" / "math" / accuracy.ADAPTER).exists()
 
     # A new machine: the committed study directory alone, no work directory. Nothing is trained again.
     shutil.rmtree(tmp_path / "work")
@@ -166,7 +177,7 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     items.write_text(items.read_text().splitlines()[0] + "\n")
     with pytest.raises(pytest.fail.Exception, match="trained again"):
         accuracy.run(cfg)
-    assert not (items.parent / "result.json").exists()
+    assert not (items.parent / "result.json").exists() and not (items.parent / accuracy.ADAPTER).exists()
 
     # Other settings are refused, with the study left as it was; --new starts over.
     before = (cfg.output / "study.json").read_text()
@@ -196,6 +207,8 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
     cfg = QuantizedAccuracyConfig(study=tmp_path / "study", category="math", precisions=("int4",), block_size=16,
                                   data=DATA, work=tmp_path / "work", output=tmp_path / "quantized",
                                   eval_batch_size=8)  # fmt: skip
+    runs = tmp_path / "study" / "runs"
+    shutil.rmtree(runs / "lora-r16-s0" / "math" / accuracy.ADAPTER)  # as if over KEEP_ADAPTER_BYTES
     out = quantized.run(cfg)
     rows = {(r["precision"], r["method"]): r for r in out["rows"]}
     assert set(rows) == {(p, m) for p in ("fp32", "int4") for m in ("base", "lora", "zflora")}
@@ -204,7 +217,9 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
         gain = rows["int4", m]["score"] - rows["int4", "base"]["score"]
         assert rows["int4", m]["gain"] == pytest.approx(gain)
     q = json.loads((tmp_path / "quantized" / "math" / "int4-zflora-s0" / "result.json").read_text())
-    assert q["quantization"]["bits"] == 4 and q["adapter"].endswith("checkpoint-1")
+    assert q["quantization"]["bits"] == 4 and q["adapter"] == str(runs / "zflora-r16-s0" / "math" / "adapter")
+    lora = json.loads((tmp_path / "quantized" / "math" / "int4-lora-s0" / "result.json").read_text())
+    assert lora["adapter"] == str(tmp_path / "work" / "lora-r16-s0" / "math" / "checkpoint-1")
     assert "| int4 | zFLoRA, blocks apart |" in (tmp_path / "quantized" / "math.md").read_text()
     diagnosis = quantized.run(dataclasses.replace(cfg, fp32_adapter=True))  # the base quantized, the blocks not
     assert {(r["precision"], r["method"]) for r in diagnosis["rows"]} - set(rows) == {("int4", "zflora-fp32-adapter")}
@@ -222,7 +237,7 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
     assert quantized.run(cfg)["rows"] == out["rows"]
     shutil.rmtree(tmp_path / "work")
     assert quantized.run(cfg)["rows"] == out["rows"]
-    with pytest.raises(FileNotFoundError, match="pass --lora-adapter DIR"):
+    with pytest.raises(FileNotFoundError, match=r"kept no adapter .*; pass --lora-adapter DIR"):
         quantized.run(dataclasses.replace(cfg, precisions=("int8",)))
     assert not (tmp_path / "quantized" / "math" / "int8-base-s0").exists()
     with pytest.raises(ValueError, match="precisions: from int8, int4, got \\['int3'\\]"):

@@ -17,7 +17,8 @@ from a sweep on that held-out loss, never from a test set.
 
 A study lives in `output`: `study.json` (its settings and dtype, fixed at the start), `sweeps/`, and one
 directory per finished run with small files (result, per-item scores and responses, training log), meant
-to be committed, so that a rerun on any machine continues where the last one stopped. Checkpoints of a
+to be committed, so that a rerun on any machine continues where the last one stopped; an adapter of at most
+`KEEP_ADAPTER_BYTES` is kept there too (`adapter/`), so it can be evaluated again anywhere. Checkpoints of a
 run in progress live under `work` on this machine: a rerun here resumes from them, elsewhere restarts it.
 """
 
@@ -46,9 +47,11 @@ from .data import SUMMARY_INSTRUCTION, Example, format_prompt, load_records, to_
 from .evaluate import generate, task_name
 from .likelihood import score_clozes
 from .scoring import extract_label, references, rouge_scores, score_response, summary_references
-from .train import complete_checkpoints, train_model
+from .train import complete_checkpoints, save_model, train_model
 
 MAX_NEW_TOKENS = {"commonsense": 16, "math": 128, "summary": 64}  # math: 90% of training rationales fit in 119
+ADAPTER = "adapter"  # a run's trained adapter, in its study directory
+KEEP_ADAPTER_BYTES = 4 * 2**20  # "a few MB": on SmolLM2 zFLoRA-MHA r = 16 (2.85 MiB in fp32) is kept, LoRA (18.6) not
 
 # --------------------------------------------------------------------------- data
 
@@ -258,6 +261,7 @@ def one_run(
     if (done := verified(out)) is not None:
         return done
     (out / "result.json").unlink(missing_ok=True)  # a run whose items do not match it is run again
+    shutil.rmtree(out / ADAPTER, ignore_errors=True)  # and the adapter it kept, if any
     tokenizer = load_tokenizer(cfg.model)
     steps = dict(zip(CATEGORIES, cfg.steps, strict=True))[category]
     seen, val = train_split(cfg, category, tokenizer, 0 if method == "base" else steps * cfg.batch_size)
@@ -276,6 +280,7 @@ def one_run(
         if log["resumed_step"]:
             result["resumed_at_step"] = log["resumed_step"]
         write_json(out / "train_log.json", log)
+        keep_adapter(model, out / ADAPTER)
     model = prepare_for_eval(model)  # as it is served: zFLoRA fused, LoRA merged
     started = time.perf_counter()
     result["heldout_loss"] = heldout_loss(model, tokenizer, val, cfg.max_length)
@@ -289,6 +294,16 @@ def one_run(
     }
     write_json(out / "result.json", result)  # written last: the run counts as finished
     return result
+
+
+def keep_adapter(model: torch.nn.Module, path: Path) -> Path | None:
+    """A trained adapter small enough to commit, saved at `path` as it was trained (before fusing or merging)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(trainable) == len(list(model.parameters())):  # a full fine-tune: a model, not an adapter
+        return None
+    if sum(p.numel() * p.element_size() for p in trainable) > KEEP_ADAPTER_BYTES:
+        return None
+    return save_model(model, None, path)
 
 
 def sweep(cfg: AccuracyConfig, method: str, rank: int, work: Path) -> dict[str, Any]:

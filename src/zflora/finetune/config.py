@@ -292,8 +292,9 @@ class QuantizedAccuracyConfig:
     seed: int = field(default=0, metadata={"help": "the study's seed whose adapters are quantized"})
     precisions: tuple[str, ...] = field(default=tuple(QUANTIZATIONS), metadata={"help": "int8 and / or int4"})
     block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "quantization block along K"})
-    zflora_adapter: Path | None = field(default=None, metadata={"help": "default: the study's zflora run's final "
-                                                                        "checkpoint on this machine"})  # fmt: skip
+    zflora_adapter: Path | None = field(default=None, metadata={"help": "default: the adapter the study's zflora "
+                                                                        "run kept, else its final checkpoint on this "
+                                                                        "machine"})  # fmt: skip
     lora_adapter: Path | None = field(default=None, metadata={"help": "default: the study's lora run's"})
     work: Path | None = field(default=None, metadata={"help": "the study's checkpoints (default: as `zflora "
                                                                "accuracy` puts them)"})  # fmt: skip

@@ -32,7 +32,7 @@ from ..hardware import environment
 from ..methods import prepare_for_eval
 from ..models import load_tokenizer
 from ..quantization import Quantization, simulate
-from .accuracy import evaluate_category, heldout_loss, load_model, run_name, train, train_split, work_dir
+from .accuracy import ADAPTER, evaluate_category, heldout_loss, load_model, run_name, train, train_split, work_dir
 from .accuracy_report import CATEGORY_METRIC, by_task, read_items, recorded_settings, sha256, task_scores, verified
 from .config import CATEGORIES, AccuracyConfig, QuantizedAccuracyConfig
 from .train import last_complete_checkpoint
@@ -56,7 +56,7 @@ def study_config(cfg: QuantizedAccuracyConfig) -> AccuracyConfig:
 
 
 def adapter_dir(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: str) -> Path:
-    """The adapter given, or the study's run's final checkpoint on this machine."""
+    """The adapter given, or the study's run's: the one it kept, else its final checkpoint on this machine."""
     given = cfg.zflora_adapter if method == "zflora" else cfg.lora_adapter
     if given is not None:
         if not given.is_dir():
@@ -64,10 +64,14 @@ def adapter_dir(cfg: QuantizedAccuracyConfig, study: AccuracyConfig, method: str
         return given
     run = work_dir(study) / run_name(method, study.rank, cfg.seed) / cfg.category
     done = cfg.study / "runs" / run_name(method, study.rank, cfg.seed) / cfg.category
+    finished = verified(done) is not None
+    if finished and (done / ADAPTER).is_dir():
+        return done / ADAPTER
     last = last_complete_checkpoint(run)
-    if last is None or verified(done) is None:
-        raise FileNotFoundError(f"{method}: the study's run {done} has not finished on this machine (no final "
-                                f"checkpoint under {run}); pass --{method}-adapter DIR")  # fmt: skip
+    if last is None or not finished:
+        why = "kept no adapter (over KEEP_ADAPTER_BYTES)" if finished else "has not finished"
+        raise FileNotFoundError(f"{method}: the study's run {done} {why}, and this machine has no final checkpoint "
+                                f"of it under {run}; pass --{method}-adapter DIR")  # fmt: skip
     return last
 
 

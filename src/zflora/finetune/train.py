@@ -268,15 +268,20 @@ def train_model(
     return model, log
 
 
-def save_trained(model: nn.Module, tokenizer: Any, output: Path, log: dict[str, Any]) -> Path:
-    """The run's result in `output/final`: an adapter (zflora, lora) or a full model (fft), plus `train_log.json`."""
-    final = output / "final"
+def save_model(model: nn.Module, tokenizer: Any, path: Path) -> Path:
+    """Into directory `path`: the adapter of a zflora or lora model, or a full model and its tokenizer (fft)."""
     if is_zflora(model):
-        save_adapter(model, final)
+        save_adapter(model, path)
     else:  # PEFT saves the adapter only; a full fine-tune saves the model and its tokenizer
-        model.save_pretrained(final)
+        model.save_pretrained(path)
         if not hasattr(model, "peft_config"):
-            tokenizer.save_pretrained(final)
+            tokenizer.save_pretrained(path)
+    return path
+
+
+def save_trained(model: nn.Module, tokenizer: Any, output: Path, log: dict[str, Any]) -> Path:
+    """The run's result in `output/final` (`save_model`), plus `train_log.json`."""
+    final = save_model(model, tokenizer, output / "final")
     write_json(output / "train_log.json", log)
     return final
 
