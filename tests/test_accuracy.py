@@ -332,6 +332,14 @@ def test_a_run_resumed_from_its_checkpoint_is_timed_over_the_steps_it_trained(st
     assert " min after resuming at step 1, " in (tmp_path / "report.md").read_text()
 
 
+@needs_data
+def test_a_full_fine_tune_keeps_no_adapter_however_small(stories_path, tmp_path):
+    cfg = quick(stories_path, tmp_path, methods=("fft",), categories=("math",), seeds=1, lrs=(1e-3,), report=None)
+    accuracy.run(cfg)  # stories260K whole is under KEEP_ADAPTER_BYTES: a model, still not an adapter
+    (run,) = (cfg.output / "runs").glob("fft*/math")
+    assert (run / "result.json").is_file() and not (run / accuracy.ADAPTER).exists()
+
+
 def test_every_run_trains_with_the_study_warm_up_and_learning_rates(stories_path, tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(accuracy, "train_model", lambda tc, **kw: seen.append(tc) or (None, {}))

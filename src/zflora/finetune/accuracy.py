@@ -280,7 +280,8 @@ def one_run(
         if log["resumed_step"]:
             result["resumed_at_step"] = log["resumed_step"]
         write_json(out / "train_log.json", log)
-        keep_adapter(model, out / ADAPTER)
+        if method != "fft":  # a full fine-tune is a model, not an adapter
+            keep_adapter(model, out / ADAPTER)
     model = prepare_for_eval(model)  # as it is served: zFLoRA fused, LoRA merged
     started = time.perf_counter()
     result["heldout_loss"] = heldout_loss(model, tokenizer, val, cfg.max_length)
@@ -298,10 +299,7 @@ def one_run(
 
 def keep_adapter(model: torch.nn.Module, path: Path) -> Path | None:
     """A trained adapter small enough to commit, saved at `path` as it was trained (before fusing or merging)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if len(trainable) == len(list(model.parameters())):  # a full fine-tune: a model, not an adapter
-        return None
-    if sum(p.numel() * p.element_size() for p in trainable) > KEEP_ADAPTER_BYTES:
+    if sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) > KEEP_ADAPTER_BYTES:
         return None
     return save_model(model, None, path)
 
