@@ -265,11 +265,24 @@ def test_a_bf16_study_refuses_a_cpu_without_native_bf16(stories_path, tmp_path, 
     ("field", "value"),
     [("n_test", (-1, -1, -1)), ("n_test", (5, 5)), ("lrs", (float("nan"),)), ("lrs", (-1e-3,)), ("steps", (0, 1, 1)),
      ("methods", ("dora",)), ("dtype", "fp16"), ("warmup_ratio", 1.0), ("loraplus_lr_ratio", 0.0),
-     ("targets", ("q", "qq"))],
+     ("targets", ("q", "qq")), ("other_seeds", 0)],
 )  # fmt: skip
 def test_bad_settings_are_refused_up_front(field, value, tmp_path):
     with pytest.raises(ValueError, match=field):
         AccuracyConfig(output=tmp_path, **({"methods": ("lora", "zflora")} | {field: value}))
+
+
+@needs_data
+def test_a_study_takes_more_seeds_of_the_other_methods_later(stories_path, tmp_path):
+    methods = ("base", "lora", "zflora", "lora-mha", "zflora-mha", "zflora-matched")
+    ranks = {"lora": 16, "zflora": 16, "lora-mha": 16, "zflora-mha": 16, "zflora-matched": 26}
+    accuracy.open_study(quick(stories_path, tmp_path, methods=methods))
+    more = quick(stories_path, tmp_path, methods=methods, other_seeds=2)
+    accuracy.open_study(more)  # not a defining setting: the study continues
+    assert accuracy.plan(more, ranks) == [
+        ("base", None, 0), ("lora", 16, 0), ("zflora", 16, 0), ("lora", 16, 1), ("zflora", 16, 1),
+        ("lora-mha", 16, 0), ("zflora-mha", 16, 0), ("zflora-matched", 26, 0),
+        ("lora-mha", 16, 1), ("zflora-mha", 16, 1), ("zflora-matched", 26, 1)]  # fmt: skip
 
 
 def test_targets_are_refused_with_methods_whose_projections_are_fixed(tmp_path):

@@ -376,10 +376,11 @@ def open_study(cfg: AccuracyConfig) -> None:
 
 def plan(cfg: AccuracyConfig, ranks: dict[str, int | None]) -> list[tuple[str, int | None, int]]:
     """(method, rank, seed) of every run, the central comparison first: base, then lora and zflora over
-    every seed, then the attention-only variants, zFLoRA at LoRA's parameter count and fft."""
+    every seed, then the attention-only variants, zFLoRA at LoRA's parameter count and fft (`other_seeds`)."""
     runs: list[tuple[str, int | None, int]] = [("base", None, 0)] if "base" in cfg.methods else []
     runs += [(m, ranks[m], s) for s in range(cfg.seeds) for m in ("lora", "zflora") if m in cfg.methods]
-    runs += [(m, ranks[m], 0) for m in ("lora-mha", "zflora-mha", "zflora-matched", "fft") if m in cfg.methods]
+    others = ("lora-mha", "zflora-mha", "zflora-matched", "fft")
+    runs += [(m, ranks[m], s) for s in range(cfg.other_seeds) for m in others if m in cfg.methods]
     return runs
 
 

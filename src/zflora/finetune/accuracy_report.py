@@ -251,7 +251,7 @@ def markdown(out: dict[str, Any]) -> str:
     lines = [
         f"# Accuracy study: {out['model']} ({out['dtype']})",
         "",
-        f"Rank {st['rank']}, {st['seeds']} seeds for lora and zflora (one for the others); training steps "
+        f"Rank {st['rank']}, {st['seeds']} seeds for lora and zflora (the others: the table's seeds); training steps "
         f"{dict(zip(CATEGORY_ORDER, st['steps'], strict=False))} of {st['batch_size']} records, warm-up "
         f"{st['warmup_ratio']:.0%} of the steps{_recipe(st)}; test records per task "
         f"{dict(zip(CATEGORY_ORDER, st['n_test'], strict=False))}. Scores in %, mean ± std over seeds.",

@@ -208,7 +208,11 @@ class AccuracyConfig:
         },
     )
     rank: int = DEFAULT_RANK
-    seeds: int = field(default=3, metadata={"help": "seeds of lora and zflora (other methods: one)"})
+    seeds: int = field(default=3, metadata={"help": "seeds of lora and zflora"})
+    other_seeds: int = field(
+        default=1,
+        metadata={"help": "seeds of lora-mha, zflora-mha, zflora-matched and fft; a finished study may add more"},
+    )
     methods: tuple[str, ...] = field(
         default=("base", *ADAPTER_METHODS, "zflora-matched"), metadata={"help": "add fft to fine-tune every weight too"}
     )
@@ -250,7 +254,8 @@ class AccuracyConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive_ints(self, "rank", "seeds", "batch_size", "max_length", "n_val", "sweep_steps", "eval_batch_size")
+        positive_ints(self, "rank", "seeds", "other_seeds", "batch_size", "max_length", "n_val", "sweep_steps",
+                      "eval_batch_size")  # fmt: skip
         check_dtype("dtype", self.dtype, TRAIN_DTYPES)
         _warmup_fraction(self.warmup_ratio)
         if self.loraplus_lr_ratio is not None:
