@@ -153,10 +153,10 @@ def test_study_reports_resumes_and_refuses(stories_path, tmp_path, monkeypatch):
     assert "| majority class |" in report and report.count("(the grid's edge: ") == 2  # 2 rates: both are edges
     # Each small adapter is kept with its run, as trained: reloaded, it gives the run's held-out loss again.
     tokenizer = load_tokenizer(stories_path)
+    _, val = accuracy.train_split(cfg, "math", tokenizer, cfg.steps[1] * cfg.batch_size)  # the same for both
     for method in ("lora", "zflora"):
         run = cfg.output / "runs" / f"{method}-r16-s1" / "math"
         model = prepare_for_eval(attach_adapter(accuracy.load_model(cfg), run / accuracy.ADAPTER))
-        _, val = accuracy.train_split(cfg, "math", tokenizer, cfg.steps[1] * cfg.batch_size)
         loss = accuracy.heldout_loss(model, tokenizer, val, cfg.max_length)
         assert loss == pytest.approx(json.loads((run / "result.json").read_text())["heldout_loss"], rel=1e-5)
     assert not (cfg.output / "runs" / "base-s0" / "math" / accuracy.ADAPTER).exists()
@@ -217,7 +217,7 @@ def test_quantized_accuracy_reads_the_study_and_goes_on_where_it_stopped(stories
         gain = rows["int4", m]["score"] - rows["int4", "base"]["score"]
         assert rows["int4", m]["gain"] == pytest.approx(gain)
     q = json.loads((tmp_path / "quantized" / "math" / "int4-zflora-s0" / "result.json").read_text())
-    assert q["quantization"]["bits"] == 4 and q["adapter"] == str(runs / "zflora-r16-s0" / "math" / "adapter")
+    assert q["quantization"]["bits"] == 4 and q["adapter"] == str(runs / "zflora-r16-s0" / "math" / accuracy.ADAPTER)
     lora = json.loads((tmp_path / "quantized" / "math" / "int4-lora-s0" / "result.json").read_text())
     assert lora["adapter"] == str(tmp_path / "work" / "lora-r16-s0" / "math" / "checkpoint-1")
     assert "| int4 | zFLoRA, blocks apart |" in (tmp_path / "quantized" / "math.md").read_text()
